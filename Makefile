@@ -1,0 +1,65 @@
+# hemd — host encryption module for vhost-user-blk.
+#   make demo   installs what is missing, builds hemd and boots a VM on it
+#   make test   installs what is missing and runs every test, VM boots included
+
+SHELL     := /bin/bash
+GO        ?= go
+BUILD     := build
+HEMD      := $(BUILD)/hemd
+# Debian packages the build, the tests and the demo need.
+APT_PKGS  := qemu-system-x86 qemu-utils busybox-static cpio softhsm2 opensc \
+             python3-cryptography libssl-dev openssl
+FUZZTIME  ?= 60s
+
+.PHONY: all build deps test test-unit test-vm fuzz demo bench-xts vet clean
+
+all: build
+
+# deps installs the Debian packages that are missing (apt-get update once).
+deps:
+	@missing=""; for p in $(APT_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	fi
+
+build:
+	@mkdir -p $(BUILD)
+	$(GO) build -o $(HEMD) ./cmd/hemd
+
+vet:
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { gofmt -l .; echo "gofmt needed"; exit 1; }
+
+# test runs everything: unit tests under the race detector, then the tests
+# that boot VMs under QEMU (the guest is built from Debian packages and
+# cached under build/vmtest).
+test: deps vet build test-unit test-vm
+
+test-unit:
+	$(GO) test -race -timeout 15m $$($(GO) list ./... | grep -v /vmtest)
+
+test-vm:
+	$(GO) test -timeout 40m -v ./vmtest/... 2>&1 | tee $(BUILD)/vmtest.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|HEMD-RESULT|vmtest:'; \
+	  exit $${PIPESTATUS[0]}
+
+# fuzz runs every native fuzz target for FUZZTIME each.
+fuzz:
+	@set -e; for pkg in $$($(GO) list ./...); do \
+	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
+	    echo "== $$pkg $$f"; \
+	    $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg; \
+	  done; \
+	done
+
+bench-xts:
+	bash hem/bench-xts.sh
+
+demo: deps build
+	$(GO) run ./vmtest/cmd/demo --hemd $(HEMD)
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,87 @@
+package main
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"path/filepath"
+
+	"github.com/BurntSushi/toml"
+)
+
+// fileConfig is hemd's TOML configuration file (config.toml.example).
+type fileConfig struct {
+	// StateDir overrides the state directory.
+	StateDir string `toml:"state_dir"`
+	// Volumes are served each on its own socket.
+	Volumes []volumeConfig `toml:"volume"`
+}
+
+// volumeConfig is one served volume.
+type volumeConfig struct {
+	Socket    string `toml:"socket"`     // vhost-user socket path (created 0600)
+	Path      string `toml:"path"`       // backing file or block device
+	ID        string `toml:"id"`         // serial the guest reads (GET_ID); default from the path
+	Queues    int    `toml:"queues"`     // most virtqueues (default 1)
+	ReadOnly  bool   `toml:"read_only"`  // refuse writes
+	Discard   bool   `toml:"discard"`    // let the guest discard (punch holes)
+	Direct    bool   `toml:"direct"`     // O_DIRECT for aligned I/O
+	BlockSize uint32 `toml:"block_size"` // logical block size, 512 or 4096
+}
+
+func loadConfig(path string) (*fileConfig, error) {
+	var c fileConfig
+	md, err := toml.DecodeFile(path, &c)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	if und := md.Undecoded(); len(und) > 0 {
+		return nil, fmt.Errorf("config %s: unknown key %q", path, und[0].String())
+	}
+	if len(c.Volumes) == 0 {
+		return nil, fmt.Errorf("config %s: no [[volume]]", path)
+	}
+	seen := map[string]bool{}
+	for i := range c.Volumes {
+		v := &c.Volumes[i]
+		if err := v.fill(); err != nil {
+			return nil, fmt.Errorf("config %s: volume %d: %w", path, i+1, err)
+		}
+		if seen[v.Socket] {
+			return nil, fmt.Errorf("config %s: socket %s used twice", path, v.Socket)
+		}
+		seen[v.Socket] = true
+	}
+	return &c, nil
+}
+
+// fill checks a volume's settings and fills in defaults.
+func (v *volumeConfig) fill() error {
+	if v.Socket == "" {
+		return fmt.Errorf("no socket")
+	}
+	if v.Path == "" {
+		return fmt.Errorf("no path")
+	}
+	if v.Queues == 0 {
+		v.Queues = 1
+	}
+	if v.BlockSize == 0 {
+		v.BlockSize = 512
+	}
+	if v.ID == "" {
+		v.ID = defaultVolumeID(v.Path)
+	}
+	return nil
+}
+
+// defaultVolumeID derives a stable id in the EBS form (vol- and 17 hex
+// digits) from a backing file's absolute path.
+func defaultVolumeID(path string) string {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		abs = path
+	}
+	h := sha256.Sum256([]byte(abs))
+	return "vol-" + hex.EncodeToString(h[:])[:17]
+}

@@ -1,0 +1,242 @@
+// Package blk is a virtio-blk device for the vhost package: it parses and
+// checks each request in one place, passes every data unit through an
+// optional per-volume transform (the volume's cipher), and does the I/O on a
+// backing store.
+package blk
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync/atomic"
+
+	"github.com/hemd/hemd/vhost"
+)
+
+// Store is the backing store as the device uses it. It holds exactly what the
+// transform produced: ciphertext for an encrypted volume.
+type Store interface {
+	ReadAtv(bufs [][]byte, off int64) (int, error)
+	WriteAtv(bufs [][]byte, off int64) (int, error)
+	Flush() error
+	Punch(off, n int64) error
+	ZeroRange(off, n int64) error
+	Size() int64
+}
+
+// Transform turns data units into what is stored and back: the XTS cipher of
+// an encrypted volume. Unit k of a call is data unit number unit+k. It must
+// be safe for use by several queues at once.
+type Transform interface {
+	UnitSize() int
+	Encrypt(dst, src []byte, unit uint64)
+	Decrypt(dst, src []byte, unit uint64)
+}
+
+// Keys gives the device its transform while a front-end runs it (attach) and
+// takes it back when the front-end stops it (detach).
+type Keys interface {
+	Attach(ctx context.Context) (Transform, error)
+	Detach()
+}
+
+// Config describes one disk.
+type Config struct {
+	ID        string // serial returned by GET_ID (the volume id), at most 20 bytes
+	Store     Store
+	BlockSize uint32 // logical block size: 512 or 4096
+	ReadOnly  bool
+	Discard   bool // let the guest discard (punch holes)
+	Queues    int  // most queues, 1..64
+	Keys      Keys // nil for a plaintext disk
+	Log       *slog.Logger
+}
+
+// Virtio-blk feature bits.
+const (
+	FeatSizeMax     = 1 << 1
+	FeatSegMax      = 1 << 2
+	FeatRO          = 1 << 5
+	FeatBlkSize     = 1 << 6
+	FeatFlush       = 1 << 9
+	FeatTopology    = 1 << 10
+	FeatMQ          = 1 << 12
+	FeatDiscard     = 1 << 13
+	FeatWriteZeroes = 1 << 14
+)
+
+// Limits advertised in the config space.
+const (
+	sizeMax        = 1 << 20 // bytes in one segment
+	segMax         = 126     // segments in one request (QEMU's queue-size 128 less 2)
+	maxSpanSectors = 1 << 16 // sectors in one discard / write-zeroes segment (32 MiB)
+	configSize     = 60      // up to write_zeroes_may_unmap and its padding
+	MaxQueues      = 64
+)
+
+// Stats count one queue's requests. Read them with the atomic loads.
+type Stats struct {
+	Reads, Writes, Flushes, Discards, WriteZeroes, GetIDs atomic.Uint64
+	BytesRead, BytesWritten                               atomic.Uint64
+	BadRequests, Unsupported, IOErrors                    atomic.Uint64
+}
+
+// Device is a virtio-blk device.
+type Device struct {
+	cfg   Config
+	lim   limits
+	log   *slog.Logger
+	stats []Stats
+	// xform is set by Start and cleared by Stop, both on the session
+	// goroutine while no queue runs; handlers copy it when they start.
+	xform  Transform
+	serial string
+}
+
+// New checks cfg and returns the device.
+func New(cfg Config) (*Device, error) {
+	if cfg.Store == nil {
+		return nil, errors.New("blk: no backing store")
+	}
+	if cfg.BlockSize == 0 {
+		cfg.BlockSize = sectorSize
+	}
+	if cfg.BlockSize != 512 && cfg.BlockSize != 4096 {
+		return nil, fmt.Errorf("blk: block size %d is not 512 or 4096", cfg.BlockSize)
+	}
+	if cfg.Queues == 0 {
+		cfg.Queues = 1
+	}
+	if cfg.Queues < 1 || cfg.Queues > MaxQueues {
+		return nil, fmt.Errorf("blk: %d queues, want 1..%d", cfg.Queues, MaxQueues)
+	}
+	serial := Serial(cfg.ID)
+	if len(serial) > idLen {
+		return nil, fmt.Errorf("blk: id %q longer than %d bytes", cfg.ID, idLen)
+	}
+	size := cfg.Store.Size()
+	if size < int64(cfg.BlockSize) || size%int64(cfg.BlockSize) != 0 {
+		return nil, fmt.Errorf("blk: store size %d is not a positive multiple of the block size %d", size, cfg.BlockSize)
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	return &Device{
+		cfg: cfg,
+		lim: limits{
+			capacity:    uint64(size) / sectorSize,
+			blockSize:   cfg.BlockSize,
+			readOnly:    cfg.ReadOnly,
+			discard:     cfg.Discard,
+			maxSegSects: maxSpanSectors,
+		},
+		log:    cfg.Log,
+		stats:  make([]Stats, cfg.Queues),
+		serial: serial,
+	}, nil
+}
+
+// Serial is the 20-byte serial the guest reads for a volume id. An EBS-style
+// id (vol- and 17 hex digits) is 21 bytes; like EBS's NVMe serial, the dash
+// is dropped: vol-0123456789abcdef0 reads as vol0123456789abcdef0.
+func Serial(id string) string {
+	if len(id) > idLen && strings.HasPrefix(id, "vol-") {
+		return "vol" + id[4:]
+	}
+	return id
+}
+
+// Stats returns queue i's counters.
+func (d *Device) Stats(i int) *Stats { return &d.stats[i] }
+
+// Features implements vhost.Device.
+func (d *Device) Features() uint64 {
+	f := uint64(vhost.FeatVersion1 | vhost.FeatIndirectDesc | vhost.FeatEventIdx |
+		FeatSizeMax | FeatSegMax | FeatBlkSize | FeatTopology | FeatFlush | FeatMQ | FeatWriteZeroes)
+	if d.cfg.Discard {
+		f |= FeatDiscard
+	}
+	if d.cfg.ReadOnly {
+		f |= FeatRO
+	}
+	return f
+}
+
+// Config implements vhost.Device: struct virtio_blk_config.
+func (d *Device) Config() []byte {
+	b := make([]byte, configSize)
+	le := binary.LittleEndian
+	le.PutUint64(b[0:], d.lim.capacity)
+	le.PutUint32(b[8:], sizeMax)
+	le.PutUint32(b[12:], segMax)
+	le.PutUint32(b[20:], d.cfg.BlockSize)
+	// Topology: report a 4 KiB physical block, the unit hemd encrypts best.
+	exp := 0
+	for bs := d.cfg.BlockSize; bs < 4096; bs <<= 1 {
+		exp++
+	}
+	b[24] = byte(exp)
+	le.PutUint16(b[26:], uint16(1<<exp)) // min_io_size, in logical blocks
+	b[32] = 1                            // writeback cache: FLUSH is honoured
+	le.PutUint16(b[34:], uint16(d.cfg.Queues))
+	le.PutUint32(b[36:], maxSpanSectors)
+	le.PutUint32(b[40:], maxSegments)
+	le.PutUint32(b[44:], d.cfg.BlockSize/sectorSize)
+	le.PutUint32(b[48:], maxSpanSectors)
+	le.PutUint32(b[52:], maxSegments)
+	if d.cfg.Discard && d.cfg.Keys == nil {
+		b[56] = 1 // write_zeroes_may_unmap
+	}
+	return b
+}
+
+// SetConfig implements vhost.Device. Only the writeback byte may be written,
+// and hemd's cache mode is fixed: writing the value it has is accepted.
+func (d *Device) SetConfig(offset uint32, data []byte) error {
+	if offset == 32 && len(data) == 1 && data[0] == 1 {
+		return nil
+	}
+	return fmt.Errorf("blk: config write at %d (%d bytes) not supported", offset, len(data))
+}
+
+// MaxQueues implements vhost.Device.
+func (d *Device) MaxQueues() int { return d.cfg.Queues }
+
+// Start implements vhost.Device: it attaches the volume's keys.
+func (d *Device) Start(ctx context.Context, features uint64) error {
+	if d.cfg.Keys == nil {
+		return nil
+	}
+	x, err := d.cfg.Keys.Attach(ctx)
+	if err != nil {
+		return fmt.Errorf("attach %s: %w", d.cfg.ID, err)
+	}
+	if us := x.UnitSize(); us < sectorSize || us > int(d.cfg.BlockSize) || us&(us-1) != 0 {
+		d.cfg.Keys.Detach()
+		return fmt.Errorf("attach %s: data unit %d does not fit block size %d", d.cfg.ID, us, d.cfg.BlockSize)
+	}
+	d.xform = x
+	return nil
+}
+
+// Stop implements vhost.Device: it detaches (zeroizes) the keys.
+func (d *Device) Stop() {
+	if d.xform != nil {
+		d.xform = nil
+		d.cfg.Keys.Detach()
+	}
+}
+
+// Handler implements vhost.Device.
+func (d *Device) Handler(i int) vhost.Handler {
+	w := &worker{dev: d, stats: &d.stats[i], queue: i, xform: d.xform}
+	if w.xform != nil {
+		w.bounce = make([]byte, bounceSize)
+		w.scratch = make([]byte, w.xform.UnitSize())
+		w.one = make([][]byte, 1)
+	}
+	return w
+}

@@ -1,0 +1,230 @@
+package blk
+
+import (
+	"fmt"
+
+	"github.com/hemd/hemd/vhost/virtq"
+)
+
+// bounceSize is the buffer a queue encrypts writes into: guest memory is
+// never modified by a write.
+const bounceSize = 1 << 20
+
+// worker serves one queue. Its buffers are its own: queues share no lock.
+type worker struct {
+	dev     *Device
+	stats   *Stats
+	queue   int
+	xform   Transform
+	req     request
+	bounce  []byte   // encrypted data on its way to storage
+	scratch []byte   // one data unit that straddles two guest buffers
+	one     [][]byte // single-buffer vector for the bounce buffer
+}
+
+// Handle implements vhost.Handler.
+func (w *worker) Handle(c *virtq.Chain) uint32 {
+	r := &w.req
+	err := parseRequest(c, &w.dev.lim, r)
+	if r.status == nil {
+		// Nowhere to say what went wrong: give the chain back empty.
+		w.stats.BadRequests.Add(1)
+		w.dev.log.Warn("bad request", "queue", w.queue, "err", err)
+		return 0
+	}
+	if err != nil {
+		if unsupported(err) {
+			w.stats.Unsupported.Add(1)
+			r.status[0] = StatusUnsupp
+		} else {
+			w.stats.BadRequests.Add(1)
+			r.status[0] = StatusIOErr
+		}
+		w.dev.log.Debug("request refused", "queue", w.queue, "type", r.typ, "sector", r.sector, "err", err)
+		return 1
+	}
+	written, err := w.do(r)
+	if err != nil {
+		w.stats.IOErrors.Add(1)
+		w.dev.log.Warn("I/O error", "queue", w.queue, "type", r.typ, "sector", r.sector, "err", err)
+		r.status[0] = StatusIOErr
+		return 1
+	}
+	r.status[0] = StatusOK
+	return written + 1
+}
+
+// do carries out a checked request and returns the bytes written into the
+// guest's data buffers.
+func (w *worker) do(r *request) (uint32, error) {
+	st := w.dev.cfg.Store
+	off := int64(r.sector * sectorSize)
+	switch r.typ {
+	case TypeIn:
+		w.stats.Reads.Add(1)
+		if _, err := st.ReadAtv(r.data, off); err != nil {
+			return 0, fmt.Errorf("read: %w", err)
+		}
+		if w.xform != nil {
+			w.decrypt(r.data, r.length, off)
+		}
+		w.stats.BytesRead.Add(r.length)
+		return uint32(r.length), nil
+	case TypeOut:
+		w.stats.Writes.Add(1)
+		var err error
+		if w.xform != nil {
+			err = w.encryptWrite(r.data, r.length, off)
+		} else {
+			_, err = st.WriteAtv(r.data, off)
+		}
+		if err != nil {
+			return 0, fmt.Errorf("write: %w", err)
+		}
+		w.stats.BytesWritten.Add(r.length)
+		return 0, nil
+	case TypeFlush:
+		w.stats.Flushes.Add(1)
+		return 0, st.Flush()
+	case TypeGetID:
+		w.stats.GetIDs.Add(1)
+		var id [idLen]byte
+		copy(id[:], w.dev.serial)
+		n := 0
+		for _, b := range r.data {
+			if n == idLen {
+				break
+			}
+			n += copy(b, id[n:])
+		}
+		return uint32(n), nil
+	case TypeDiscard:
+		w.stats.Discards.Add(1)
+		for _, s := range r.spans {
+			if err := st.Punch(int64(s.sector*sectorSize), int64(s.sectors)*sectorSize); err != nil {
+				return 0, err
+			}
+		}
+		return 0, nil
+	case TypeWriteZeroes:
+		w.stats.WriteZeroes.Add(1)
+		for _, s := range r.spans {
+			if err := w.writeZeroes(s); err != nil {
+				return 0, err
+			}
+		}
+		return 0, nil
+	}
+	return 0, fmt.Errorf("%w: %d", ErrUnsupported, r.typ)
+}
+
+// writeZeroes makes a span read back as zeros. On an encrypted volume that
+// means writing encrypted zeros; a plain one lets the filesystem do it.
+func (w *worker) writeZeroes(s span) error {
+	st := w.dev.cfg.Store
+	off, n := int64(s.sector*sectorSize), int64(s.sectors)*sectorSize
+	if w.xform == nil {
+		if s.unmap && w.dev.cfg.Discard {
+			if err := st.Punch(off, n); err == nil {
+				return nil
+			}
+		}
+		return st.ZeroRange(off, n)
+	}
+	us := int64(w.xform.UnitSize())
+	for n > 0 {
+		k := min(n, int64(len(w.bounce)))
+		buf := w.bounce[:k]
+		clear(buf)
+		w.xform.Encrypt(buf, buf, uint64(off/us))
+		w.one[0] = buf
+		if _, err := st.WriteAtv(w.one, off); err != nil {
+			return fmt.Errorf("write zeroes: %w", err)
+		}
+		off += k
+		n -= k
+	}
+	return nil
+}
+
+// decrypt decrypts, in place in guest memory, data read from storage offset
+// off.
+func (w *worker) decrypt(data [][]byte, n uint64, off int64) {
+	us := w.xform.UnitSize()
+	unit0 := uint64(off) / uint64(us)
+	walkUnits(data, int(n), us, w.scratch, true, func(b []byte, rel int) {
+		w.xform.Decrypt(b, b, unit0+uint64(rel/us))
+	})
+}
+
+// encryptWrite encrypts data into the bounce buffer, a buffer at a time, and
+// writes it at storage offset off.
+func (w *worker) encryptWrite(data [][]byte, n uint64, off int64) error {
+	us := w.xform.UnitSize()
+	unit0 := uint64(off) / uint64(us)
+	fill, at := 0, off
+	var err error
+	flush := func() {
+		if fill == 0 || err != nil {
+			return
+		}
+		w.one[0] = w.bounce[:fill]
+		_, err = w.dev.cfg.Store.WriteAtv(w.one, at)
+		at += int64(fill)
+		fill = 0
+	}
+	walkUnits(data, int(n), us, w.scratch, false, func(src []byte, rel int) {
+		unit := unit0 + uint64(rel/us)
+		for len(src) > 0 && err == nil {
+			k := min(len(src), len(w.bounce)-fill)
+			w.xform.Encrypt(w.bounce[fill:fill+k], src[:k], unit)
+			unit += uint64(k / us)
+			fill += k
+			src = src[k:]
+			if fill == len(w.bounce) {
+				flush()
+			}
+		}
+	})
+	flush()
+	return err
+}
+
+// walkUnits calls fn on the first n bytes of data in runs of whole data units
+// of size us, rel being the run's offset in the request. A run is contiguous
+// in one guest buffer; a unit that straddles two buffers is gathered into
+// scratch, and with scatter copied back after fn.
+func walkUnits(data [][]byte, n, us int, scratch []byte, scatter bool, fn func(b []byte, rel int)) {
+	bi, bo, rel := 0, 0, 0
+	for rel < n {
+		for bo == len(data[bi]) {
+			bi, bo = bi+1, 0
+		}
+		if b := data[bi][bo:]; len(b) >= us {
+			k := min(len(b)-len(b)%us, n-rel)
+			fn(b[:k], rel)
+			rel, bo = rel+k, bo+k
+			continue
+		}
+		sbi, sbo := bi, bo
+		for g := 0; g < us; {
+			for bo == len(data[bi]) {
+				bi, bo = bi+1, 0
+			}
+			c := copy(scratch[g:us], data[bi][bo:])
+			g, bo = g+c, bo+c
+		}
+		fn(scratch[:us], rel)
+		if scatter {
+			bi, bo = sbi, sbo
+			for g := 0; g < us; {
+				for bo == len(data[bi]) {
+					bi, bo = bi+1, 0
+				}
+				c := copy(data[bi][bo:], scratch[g:us])
+				g, bo = g+c, bo+c
+			}
+		}
+		rel += us
+	}
+}

@@ -1,0 +1,104 @@
+package vhost
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+
+	"golang.org/x/sys/unix"
+)
+
+// conn reads front-end messages with their file descriptors and writes
+// replies. It is used by the session goroutine only.
+type conn struct {
+	c   *net.UnixConn
+	hdr [headerSize]byte
+	oob []byte
+}
+
+func newConn(c *net.UnixConn) *conn {
+	return &conn{c: c, oob: make([]byte, unix.CmsgSpace(4*maxFds*2))}
+}
+
+// read returns the next message. Any fds that arrived are in m.fds and are
+// the caller's to close, also when an error is returned alongside a message.
+func (c *conn) read() (*message, error) {
+	n, oobn, flags, _, err := c.c.ReadMsgUnix(c.hdr[:], c.oob)
+	if err != nil {
+		return nil, err
+	}
+	m := &message{}
+	if oobn > 0 {
+		m.fds, err = parseFds(c.oob[:oobn])
+		if err != nil {
+			return m, err
+		}
+	}
+	if flags&unix.MSG_CTRUNC != 0 {
+		return m, fmt.Errorf("%w: control data truncated (more than %d fds)", ErrFdCount, maxFds)
+	}
+	if n == 0 {
+		return m, io.EOF
+	}
+	if n < headerSize {
+		if _, err := io.ReadFull(c.c, c.hdr[n:]); err != nil {
+			return m, fmt.Errorf("short header: %w", err)
+		}
+	}
+	m.header, err = decodeHeader(c.hdr[:])
+	if err != nil {
+		return m, err
+	}
+	if m.Size > 0 {
+		m.payload = make([]byte, m.Size)
+		if _, err := io.ReadFull(c.c, m.payload); err != nil {
+			return m, fmt.Errorf("%s payload: %w", m.Request, err)
+		}
+	}
+	return m, nil
+}
+
+func parseFds(oob []byte) ([]int, error) {
+	cmsgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return nil, fmt.Errorf("control message: %w", err)
+	}
+	var fds []int
+	for _, cm := range cmsgs {
+		f, err := unix.ParseUnixRights(&cm)
+		if err != nil {
+			continue
+		}
+		fds = append(fds, f...)
+	}
+	if len(fds) > maxFds {
+		return fds, fmt.Errorf("%w: %d", ErrFdCount, len(fds))
+	}
+	return fds, nil
+}
+
+// reply sends the reply to req with payload p.
+func (c *conn) reply(req Request, p []byte) error {
+	b := make([]byte, headerSize+len(p))
+	binary.LittleEndian.PutUint32(b[0:], uint32(req))
+	binary.LittleEndian.PutUint32(b[4:], flagVersion|flagReply)
+	binary.LittleEndian.PutUint32(b[8:], uint32(len(p)))
+	copy(b[headerSize:], p)
+	_, err := c.c.Write(b)
+	if err != nil {
+		return fmt.Errorf("reply to %s: %w", req, err)
+	}
+	return nil
+}
+
+func closeFds(fds []int) {
+	for _, fd := range fds {
+		if fd >= 0 {
+			_ = unix.Close(fd)
+		}
+	}
+}
+
+var errClosed = errors.New("connection closed")

@@ -1,0 +1,595 @@
+// Package vhost is the back-end side of the vhost-user protocol: it serves one
+// virtio device over a unix socket to a front-end such as QEMU, maps the
+// guest's memory, and runs one goroutine per virtqueue that hands descriptor
+// chains to the device.
+package vhost
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hemd/hemd/vhost/guestmem"
+	"github.com/hemd/hemd/vhost/virtq"
+	"golang.org/x/sys/unix"
+)
+
+// Device is a virtio device served over vhost-user.
+type Device interface {
+	// Features returns the virtio feature bits the device offers, transport
+	// bits (VERSION_1, INDIRECT_DESC, EVENT_IDX) included.
+	Features() uint64
+	// Config returns the device configuration space.
+	Config() []byte
+	// SetConfig writes data at offset in the configuration space.
+	SetConfig(offset uint32, data []byte) error
+	// MaxQueues returns the most queues the device serves.
+	MaxQueues() int
+	// Start is called when the front-end starts the device: before the first
+	// ring runs, with the negotiated features. An error keeps every ring
+	// stopped.
+	Start(ctx context.Context, features uint64) error
+	// Stop is called when the last ring stops, on reset, and when the
+	// front-end goes away. In-flight requests have completed by then.
+	Stop()
+	// Handler returns the request handler of queue i. It is called each time
+	// the queue starts and used by that queue's goroutine only.
+	Handler(i int) Handler
+}
+
+// Handler serves the requests of one queue.
+type Handler interface {
+	// Handle serves one chain and returns how many bytes it wrote into it.
+	Handle(c *virtq.Chain) uint32
+}
+
+// Server serves a Device to one front-end at a time over a Listener.
+type Server struct {
+	Device Device
+	Log    *slog.Logger
+	// Sessions counts front-end connections served so far.
+	Sessions atomic.Int64
+}
+
+// Serve accepts front-ends until ctx is done. A second front-end that connects
+// while one is served is turned away; after a front-end leaves the next one
+// is served. Serve returns nil when ctx ends it.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	log := s.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	var (
+		wg     sync.WaitGroup
+		slot   = make(chan struct{}, 1) // held by the session being served
+		accErr = make(chan error, 1)
+	)
+	go func() {
+		<-ctx.Done()
+		ln.Close()
+	}()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			accErr <- err
+			break
+		}
+		uc, ok := c.(*net.UnixConn)
+		if !ok {
+			c.Close()
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// A front-end that reconnects may arrive while its old session
+			// still drains: wait for it a little before turning one away.
+			t := time.NewTimer(handoverWait)
+			defer t.Stop()
+			select {
+			case slot <- struct{}{}:
+			case <-t.C:
+				log.Warn("front-end refused: another one is connected")
+				uc.Close()
+				return
+			case <-ctx.Done():
+				uc.Close()
+				return
+			}
+			defer func() { <-slot }()
+			n := s.Sessions.Add(1)
+			sl := log.With("session", n)
+			sl.Info("front-end connected")
+			err := newSession(s.Device, uc, sl).serve(ctx)
+			if err != nil && ctx.Err() == nil {
+				sl.Warn("front-end session ended", "err", err)
+			} else {
+				sl.Info("front-end disconnected")
+			}
+		}()
+	}
+	err := <-accErr
+	wg.Wait()
+	if ctx.Err() != nil {
+		return nil
+	}
+	return fmt.Errorf("accept: %w", err)
+}
+
+// handoverWait is how long a new front-end waits for the current session to
+// end before it is refused.
+const handoverWait = 3 * time.Second
+
+// protocolFeatures are the vhost-user protocol features offered.
+const protocolFeatures = ProtoMQ | ProtoReplyAck | ProtoConfig | ProtoConfigureMemSlots | ProtoResetDevice
+
+// vring is the back-end's state of one queue.
+type vring struct {
+	num     uint16
+	addr    vringAddr
+	addrSet bool
+	base    uint16
+	kick    int // -1: none; polling when kickSet
+	call    int // -1: none
+	errFd   int
+	kickSet bool // SET_VRING_KICK received: the ring is started
+	enabled bool
+	q       *virtq.Queue // live ring state while started
+	run     *runner
+}
+
+// session is one front-end connection. Its fields are touched only by the
+// session goroutine; each running queue has its own goroutine (runner).
+type session struct {
+	dev     Device
+	c       *conn
+	raw     *net.UnixConn
+	log     *slog.Logger
+	ctx     context.Context
+	offered uint64
+
+	owner    bool
+	features uint64
+	proto    uint64
+	mem      *guestmem.Table
+	rings    []*vring
+	started  bool // Device.Start succeeded
+	fatal    chan error
+}
+
+func newSession(dev Device, c *net.UnixConn, log *slog.Logger) *session {
+	s := &session{
+		dev:     dev,
+		c:       newConn(c),
+		raw:     c,
+		log:     log,
+		offered: dev.Features() | FeatProtocolFeatures,
+		fatal:   make(chan error, 1),
+	}
+	s.rings = make([]*vring, dev.MaxQueues())
+	for i := range s.rings {
+		s.rings[i] = &vring{kick: -1, call: -1, errFd: -1}
+	}
+	return s
+}
+
+// serve runs the session until the front-end goes away, ctx ends, a message
+// is broken or a ring is corrupt.
+func (s *session) serve(ctx context.Context) error {
+	s.ctx = ctx
+	stop := context.AfterFunc(ctx, func() { s.raw.Close() })
+	defer stop()
+	defer s.teardown()
+	for {
+		m, err := s.c.read()
+		if err != nil {
+			if m != nil {
+				closeFds(m.fds)
+			}
+			select {
+			case ferr := <-s.fatal:
+				return ferr
+			default:
+			}
+			if errors.Is(err, net.ErrClosed) || errors.Is(err, errClosed) || isEOF(err) {
+				return nil
+			}
+			return err
+		}
+		if err := s.handle(m); err != nil {
+			return fmt.Errorf("%s: %w", m.Request, err)
+		}
+	}
+}
+
+func isEOF(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, unix.ECONNRESET)
+}
+
+// handle is the pipeline of one message: size and fds checked, dispatched,
+// acknowledged when the front-end asked for it. An error ends the session.
+func (s *session) handle(m *message) error {
+	s.log.Debug("request", "req", m.Request, "size", m.Size, "fds", len(m.fds))
+	err := m.check()
+	var reply []byte
+	if err == nil {
+		reply, err = s.dispatch(m)
+	}
+	closeFds(m.fds) // handlers that keep an fd set its slot to -1
+	if reply != nil && err == nil {
+		return s.c.reply(m.Request, reply)
+	}
+	if m.needReply() && s.proto&ProtoReplyAck != 0 && !hasReply(m.Request) {
+		status := uint64(0)
+		if err != nil {
+			status = 1
+		}
+		if rerr := s.c.reply(m.Request, u64(status)); rerr != nil && err == nil {
+			err = rerr
+		}
+	}
+	return err
+}
+
+// hasReply reports whether the request has a reply of its own.
+func hasReply(r Request) bool {
+	switch r {
+	case ReqGetFeatures, ReqGetProtocolFeatures, ReqGetVringBase, ReqGetQueueNum,
+		ReqGetConfig, ReqGetMaxMemSlots, ReqGetInflightFd, ReqGetStatus:
+		return true
+	}
+	return false
+}
+
+func (s *session) ring(idx uint32) (*vring, int, error) {
+	if idx >= uint32(len(s.rings)) {
+		return nil, 0, fmt.Errorf("%w: %d, device has %d", ErrQueueIndex, idx, len(s.rings))
+	}
+	return s.rings[idx], int(idx), nil
+}
+
+func (s *session) dispatch(m *message) ([]byte, error) {
+	switch m.Request {
+	case ReqGetFeatures:
+		return u64(s.offered), nil
+	case ReqSetFeatures:
+		f := m.u64()
+		if f&^s.offered != 0 {
+			return nil, fmt.Errorf("%w: %#x", ErrFeatures, f&^s.offered)
+		}
+		s.features = f
+		return nil, nil
+	case ReqGetProtocolFeatures:
+		return u64(protocolFeatures), nil
+	case ReqSetProtocolFeatures:
+		f := m.u64()
+		if f&^uint64(protocolFeatures) != 0 {
+			return nil, fmt.Errorf("%w: protocol %#x", ErrFeatures, f&^uint64(protocolFeatures))
+		}
+		s.proto = f
+		return nil, nil
+	case ReqSetOwner:
+		s.owner = true
+		return nil, nil
+	case ReqResetOwner, ReqResetDevice:
+		s.reset()
+		return nil, nil
+	case ReqGetQueueNum:
+		return u64(uint64(len(s.rings))), nil
+	case ReqGetMaxMemSlots:
+		return u64(guestmem.MaxRegions), nil
+	case ReqGetConfig:
+		c, err := m.config()
+		if err != nil {
+			return nil, err
+		}
+		cfg := s.dev.Config()
+		c.Data = make([]byte, c.Size)
+		if int(c.Offset) < len(cfg) {
+			copy(c.Data, cfg[c.Offset:])
+		}
+		return c.encode(), nil
+	case ReqSetConfig:
+		c, err := m.config()
+		if err != nil {
+			return nil, err
+		}
+		return nil, s.dev.SetConfig(c.Offset, c.Data)
+	}
+	if !s.owner {
+		return nil, ErrNotOwner
+	}
+	switch m.Request {
+	case ReqSetMemTable:
+		regions, err := m.memTable()
+		if err != nil {
+			return nil, err
+		}
+		t, err := guestmem.NewTable(regions, m.fds)
+		if err != nil {
+			return nil, err
+		}
+		return nil, s.swapMem(t, s.mem.Unmap)
+	case ReqAddMemReg:
+		t, err := s.mem.With(decodeRegion(m.payload[8:]), m.fds[0])
+		if err != nil {
+			return nil, err
+		}
+		return nil, s.swapMem(t, func() {})
+	case ReqRemMemReg:
+		t, unmap, err := s.mem.Without(decodeRegion(m.payload[8:]))
+		if err != nil {
+			return nil, err
+		}
+		return nil, s.swapMem(t, unmap)
+	case ReqSetVringNum:
+		st := m.vringState()
+		r, _, err := s.ring(st.Index)
+		if err != nil {
+			return nil, err
+		}
+		if r.kickSet {
+			return nil, ErrRingRunning
+		}
+		if st.Num == 0 || st.Num&(st.Num-1) != 0 || st.Num > virtq.MaxSize {
+			return nil, fmt.Errorf("%w: %d", virtq.ErrBadSize, st.Num)
+		}
+		r.num = uint16(st.Num)
+		return nil, nil
+	case ReqSetVringBase:
+		st := m.vringState()
+		r, _, err := s.ring(st.Index)
+		if err != nil {
+			return nil, err
+		}
+		if r.kickSet {
+			return nil, ErrRingRunning
+		}
+		if st.Num > 0xffff {
+			return nil, fmt.Errorf("%w: base %d", ErrPayloadSize, st.Num)
+		}
+		r.base = uint16(st.Num)
+		return nil, nil
+	case ReqSetVringAddr:
+		a := m.vringAddr()
+		r, i, err := s.ring(a.Index)
+		if err != nil {
+			return nil, err
+		}
+		r.addr, r.addrSet = a, true
+		if r.q != nil {
+			return nil, s.paused(i, func() error { return r.q.Rebind(s.mem, a.Addrs) })
+		}
+		return nil, nil
+	case ReqGetVringBase:
+		st := m.vringState()
+		r, i, err := s.ring(st.Index)
+		if err != nil {
+			return nil, err
+		}
+		s.stopRing(i)
+		return vringState{Index: st.Index, Num: uint32(r.base)}.encode(), nil
+	case ReqSetVringKick, ReqSetVringCall, ReqSetVringErr:
+		return nil, s.setVringFd(m)
+	case ReqSetVringEnable:
+		st := m.vringState()
+		r, i, err := s.ring(st.Index)
+		if err != nil {
+			return nil, err
+		}
+		if st.Num > 1 {
+			return nil, fmt.Errorf("%w: enable %d", ErrPayloadSize, st.Num)
+		}
+		r.enabled = st.Num == 1
+		if !r.enabled {
+			s.pause(i)
+			return nil, nil
+		}
+		return nil, s.maybeStart(i)
+	}
+	return nil, ErrUnknownRequest
+}
+
+func (s *session) setVringFd(m *message) error {
+	v := m.u64()
+	if v&^uint64(vringIndexMask|vringNoFd) != 0 {
+		return fmt.Errorf("%w: vring fd payload %#x", ErrPayloadSize, v)
+	}
+	r, i, err := s.ring(uint32(v & vringIndexMask))
+	if err != nil {
+		return err
+	}
+	fd := -1
+	if v&vringNoFd == 0 {
+		if len(m.fds) != 1 {
+			return fmt.Errorf("%w: no fd and no polling bit", ErrFdCount)
+		}
+		fd, m.fds[0] = m.fds[0], -1
+	} else if len(m.fds) != 0 {
+		return fmt.Errorf("%w: fd sent with the no-fd bit", ErrFdCount)
+	}
+	var slot *int
+	switch m.Request {
+	case ReqSetVringKick:
+		slot = &r.kick
+	case ReqSetVringCall:
+		slot = &r.call
+	default:
+		slot = &r.errFd
+	}
+	swap := func() error {
+		if *slot >= 0 {
+			unix.Close(*slot)
+		}
+		*slot = fd
+		return nil
+	}
+	if m.Request == ReqSetVringErr {
+		return swap()
+	}
+	if err := s.paused(i, swap); err != nil {
+		return err
+	}
+	if m.Request == ReqSetVringKick {
+		r.kickSet = true
+		if s.features&FeatProtocolFeatures == 0 {
+			r.enabled = true
+		}
+		return s.maybeStart(i)
+	}
+	return nil
+}
+
+// swapMem installs a new memory table; release frees the old one once no
+// ring uses it.
+func (s *session) swapMem(t *guestmem.Table, release func()) error {
+	var running []int
+	for i, r := range s.rings {
+		if r.run != nil {
+			s.pause(i)
+			running = append(running, i)
+		}
+	}
+	s.mem = t
+	release()
+	var err error
+	for i, r := range s.rings {
+		if r.q != nil {
+			if rerr := r.q.Rebind(t, r.addr.Addrs); rerr != nil && err == nil {
+				err = fmt.Errorf("queue %d: %w", i, rerr)
+			}
+		}
+	}
+	if err != nil {
+		return err
+	}
+	for _, i := range running {
+		if err := s.maybeStart(i); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// paused runs fn with ring i's goroutine stopped, then restarts it.
+func (s *session) paused(i int, fn func() error) error {
+	if s.rings[i].run == nil {
+		return fn()
+	}
+	s.pause(i)
+	if err := fn(); err != nil {
+		return err
+	}
+	return s.maybeStart(i)
+}
+
+// maybeStart starts ring i's goroutine if the ring is started, enabled and
+// fully described.
+func (s *session) maybeStart(i int) error {
+	r := s.rings[i]
+	if r.run != nil || !r.kickSet || !r.enabled || !r.addrSet || r.num == 0 || s.mem == nil {
+		return nil
+	}
+	if r.q == nil {
+		q, err := virtq.New(s.mem, r.num, r.addr.Addrs, r.base,
+			s.features&FeatEventIdx != 0, s.features&FeatIndirectDesc != 0)
+		if err != nil {
+			return fmt.Errorf("queue %d: %w", i, err)
+		}
+		r.q = q
+	}
+	if !s.started {
+		if err := s.dev.Start(s.ctx, s.features); err != nil {
+			// Fail closed: the ring stays stopped and the guest gets no I/O.
+			s.log.Error("device start failed; rings stay stopped", "queue", i, "err", err)
+			return nil
+		}
+		s.started = true
+	}
+	run, err := startRunner(i, r.q, s.dev.Handler(i), r.kick, r.call, s.log, s.onFatal)
+	if err != nil {
+		return fmt.Errorf("queue %d: %w", i, err)
+	}
+	r.run = run
+	return nil
+}
+
+// onFatal is called from a runner whose ring is corrupt: the session ends.
+func (s *session) onFatal(err error) {
+	select {
+	case s.fatal <- err:
+	default:
+	}
+	s.raw.Close()
+}
+
+// pause stops ring i's goroutine after its in-flight requests completed.
+func (s *session) pause(i int) {
+	if r := s.rings[i]; r.run != nil {
+		r.run.stopAndWait()
+		r.run = nil
+	}
+}
+
+// stopRing stops ring i for GET_VRING_BASE: its goroutine ends, its next
+// available index becomes its base, and the device stops when no ring is
+// left started.
+func (s *session) stopRing(i int) {
+	r := s.rings[i]
+	s.pause(i)
+	if r.q != nil {
+		r.base = r.q.LastAvail()
+		r.q = nil
+	}
+	r.kickSet = false
+	if r.kick >= 0 {
+		unix.Close(r.kick)
+		r.kick = -1
+	}
+	s.maybeStopDevice()
+}
+
+func (s *session) maybeStopDevice() {
+	if !s.started {
+		return
+	}
+	for _, r := range s.rings {
+		if r.kickSet {
+			return
+		}
+	}
+	s.started = false
+	s.dev.Stop()
+}
+
+// reset returns every ring and the negotiated features to their initial
+// state (RESET_OWNER, RESET_DEVICE). Ownership and protocol features stay.
+func (s *session) reset() {
+	for i, r := range s.rings {
+		s.pause(i)
+		for _, fd := range []int{r.kick, r.call, r.errFd} {
+			if fd >= 0 {
+				unix.Close(fd)
+			}
+		}
+		s.rings[i] = &vring{kick: -1, call: -1, errFd: -1}
+	}
+	if s.started {
+		s.started = false
+		s.dev.Stop()
+	}
+	s.features = 0
+}
+
+func (s *session) teardown() {
+	s.reset()
+	s.mem.Unmap()
+	s.mem = nil
+	s.raw.Close()
+}
