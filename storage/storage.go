@@ -46,7 +46,7 @@ func Open(path string, opts Options) (*File, error) {
 	}
 	f, err := os.OpenFile(path, flag, 0)
 	if err != nil {
-		return nil, fmt.Errorf("open backing store: %w", err)
+		return nil, fmt.Errorf("open backing store: %w", err) // names the path
 	}
 	st, err := f.Stat()
 	if err != nil {

@@ -493,3 +493,67 @@ func TestSocketInUse(t *testing.T) {
 		t.Fatalf("socket mode %v, want 0600", st.Mode().Perm())
 	}
 }
+
+// A ring whose kick has no fd (the no-fd bit) is polled.
+func TestPollingKick(t *testing.T) {
+	r := newRig(t, rigOpts{fe: frontend.Options{PollKick: true}})
+	want := pattern(4096, 4)
+	if st, _, _ := r.do(0, blkIO{typ: TypeOut, data: want}); st != StatusOK {
+		t.Fatalf("write: %d", st)
+	}
+	if st, _, got := r.do(0, blkIO{typ: TypeIn, data: make([]byte, 4096), write: true}); st != StatusOK || !bytes.Equal(got, want) {
+		t.Fatalf("read: %d", st)
+	}
+}
+
+// ADD_MEM_REG makes new guest memory usable by running queues; after
+// REM_MEM_REG a descriptor into it fails with IOERR.
+func TestAddRemoveMemRegion(t *testing.T) {
+	r := newRig(t, rigOpts{})
+	if r.c.Proto&vhost.ProtoConfigureMemSlots == 0 {
+		t.Fatal("CONFIGURE_MEM_SLOTS not negotiated")
+	}
+	const gpa = 1 << 32
+	extra, err := r.c.AddRegion(gpa, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := pattern(4096, 8)
+	copy(extra, want)
+	c := r.c
+	hdr, _ := c.Alloc(16, 16)
+	st, _ := c.Alloc(1, 1)
+	binary.LittleEndian.PutUint32(c.Mem[hdr:], TypeOut)
+	binary.LittleEndian.PutUint64(c.Mem[hdr+8:], 0)
+	r.submit(0, []frontend.Buf{{Addr: hdr, Len: 16}, {Addr: gpa, Len: 4096}, {Addr: st, Len: 1, Write: true}})
+	if c.Mem[st] != StatusOK {
+		t.Fatalf("write from the added region: %d", c.Mem[st])
+	}
+	if s, _, got := r.do(0, blkIO{typ: TypeIn, data: make([]byte, 4096), write: true}); s != StatusOK || !bytes.Equal(got, want) {
+		t.Fatalf("read back: %d", s)
+	}
+	if err := c.RemoveRegion(gpa, extra); err != nil {
+		t.Fatal(err)
+	}
+	r.submit(0, []frontend.Buf{{Addr: hdr, Len: 16}, {Addr: gpa, Len: 4096}, {Addr: st, Len: 1, Write: true}})
+	if c.Mem[st] != StatusIOErr {
+		t.Fatalf("write from a removed region: status %d, want IOERR", c.Mem[st])
+	}
+}
+
+// RESET_DEVICE stops every ring; the front-end can set the device up again
+// on the same connection.
+func TestResetDevice(t *testing.T) {
+	r := newRig(t, rigOpts{})
+	r.do(0, blkIO{typ: TypeOut, data: pattern(512, 1)})
+	if _, err := r.c.Request(vhost.ReqResetDevice, nil, nil, false); err != nil {
+		t.Fatal(err)
+	}
+	r.c.Queues = nil
+	if err := r.c.Setup(frontend.Options{MemSize: 16 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	if st, _, got := r.do(0, blkIO{typ: TypeIn, data: make([]byte, 512), write: true}); st != StatusOK || !bytes.Equal(got, pattern(512, 1)) {
+		t.Fatalf("read after reset: %d", st)
+	}
+}

@@ -43,7 +43,9 @@ func Dial(path string) (*Client, error) {
 func (c *Client) Close() error {
 	err := c.conn.Close()
 	for _, q := range c.Queues {
-		unix.Close(q.kick)
+		if q.kick >= 0 {
+			unix.Close(q.kick)
+		}
 		unix.Close(q.call)
 	}
 	c.Queues = nil
@@ -174,6 +176,8 @@ type Options struct {
 	Features uint64
 	// NoEventIdx and NoIndirect clear those features.
 	NoEventIdx, NoIndirect bool
+	// PollKick sends SET_VRING_KICK with the no-fd bit: the back-end polls.
+	PollKick bool
 }
 
 // Setup negotiates features, shares guest memory and starts opts.Queues
@@ -233,7 +237,7 @@ func (c *Client) Setup(opts Options) error {
 		return err
 	}
 	for i := 0; i < opts.Queues; i++ {
-		q, err := c.startQueue(i, opts.QueueSize)
+		q, err := c.startQueue(i, opts.QueueSize, opts.PollKick)
 		if err != nil {
 			return err
 		}
@@ -306,6 +310,42 @@ func (c *Client) StopQueue(i int) (uint32, error) {
 		return 0, fmt.Errorf("GET_VRING_BASE: reply of %d bytes", len(r))
 	}
 	return binary.LittleEndian.Uint32(r[4:]), nil
+}
+
+// AddRegion creates a new memfd region of size bytes at guest address gpa,
+// sends ADD_MEM_REG and returns the region's memory.
+func (c *Client) AddRegion(gpa uint64, size int) ([]byte, error) {
+	fd, err := unix.MemfdCreate("hemd-guest-extra", unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(fd)
+	if err := unix.Ftruncate(fd, int64(size)); err != nil {
+		return nil, err
+	}
+	mem, err := unix.Mmap(fd, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := c.call(vhost.ReqAddMemReg, regionPayload(gpa, uint64(size), uint64(uintptrOf(mem))), []int{fd}, false); err != nil {
+		unix.Munmap(mem)
+		return nil, err
+	}
+	return mem, nil
+}
+
+// RemoveRegion sends REM_MEM_REG for a region added with AddRegion.
+func (c *Client) RemoveRegion(gpa uint64, mem []byte) error {
+	_, err := c.call(vhost.ReqRemMemReg, regionPayload(gpa, uint64(len(mem)), uint64(uintptrOf(mem))), nil, false)
+	return err
+}
+
+func regionPayload(gpa, size, uva uint64) []byte {
+	p := u64(0)
+	p = binary.LittleEndian.AppendUint64(p, gpa)
+	p = binary.LittleEndian.AppendUint64(p, size)
+	p = binary.LittleEndian.AppendUint64(p, uva)
+	return binary.LittleEndian.AppendUint64(p, 0)
 }
 
 // Request sends any request with a payload and returns its reply (or ack).

@@ -31,7 +31,7 @@ type Queue struct {
 
 func uintptrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(&b[0])) }
 
-func (c *Client) startQueue(i int, size uint16) (*Queue, error) {
+func (c *Client) startQueue(i int, size uint16, pollKick bool) (*Queue, error) {
 	n := uint64(size)
 	q := &Queue{c: c, Index: i, Size: size, eventIdx: c.Features&vhost.FeatEventIdx != 0}
 	var err error
@@ -72,6 +72,11 @@ func (c *Client) startQueue(i int, size uint16) (*Queue, error) {
 			p   []byte
 			fds []int
 		}{vhost.ReqSetVringEnable, u32s(uint32(i), 1), nil})
+	}
+	if pollKick {
+		unix.Close(q.kick)
+		q.kick = -1
+		steps[4].p, steps[4].fds = u64(uint64(i)|1<<8), nil
 	}
 	for _, s := range steps {
 		if _, err := c.call(s.req, s.p, s.fds, false); err != nil {
@@ -215,6 +220,9 @@ func (q *Queue) Kick() error {
 		// an extra kick only costs a wake-up.
 	} else if q.load16(q.used)&1 != 0 {
 		return nil
+	}
+	if q.kick < 0 {
+		return nil // the back-end polls
 	}
 	var one [8]byte
 	one[0] = 1
