@@ -29,6 +29,7 @@ commands:
   serve      serve volumes to QEMU over vhost-user-blk
   key        manage customer master keys in the KMS
   kms        run the KMS as a network service (kms serve)
+  bench      measure a vhost-user-blk back-end (hemd or any other)
   version    print the version
 
 Run 'hemd COMMAND --help' for a command's flags.
@@ -77,6 +78,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return keyCommand(ctx, g, rest, stdout, stderr)
 	case "kms":
 		return kmsCommand(ctx, g, rest, stdout, stderr)
+	case "bench":
+		return benchCommand(ctx, g, rest, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "hemd", version)
 		return nil
