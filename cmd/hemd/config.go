@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 
 	"github.com/BurntSushi/toml"
+	"github.com/hemd/hemd/vhost/blk"
 )
 
 // fileConfig is hemd's TOML configuration file (config.toml.example).
@@ -22,7 +23,7 @@ type volumeConfig struct {
 	Socket    string `toml:"socket"`     // vhost-user socket path (created 0600)
 	Path      string `toml:"path"`       // backing file or block device
 	ID        string `toml:"id"`         // serial the guest reads (GET_ID); default from the path
-	Queues    int    `toml:"queues"`     // most virtqueues (default 1)
+	Queues    int    `toml:"queues"`     // most virtqueues offered (default 64)
 	ReadOnly  bool   `toml:"read_only"`  // refuse writes
 	Discard   bool   `toml:"discard"`    // let the guest discard (punch holes)
 	Direct    bool   `toml:"direct"`     // O_DIRECT for aligned I/O
@@ -64,7 +65,7 @@ func (v *volumeConfig) fill() error {
 		return fmt.Errorf("no path")
 	}
 	if v.Queues == 0 {
-		v.Queues = 1
+		v.Queues = blk.MaxQueues
 	}
 	if v.BlockSize == 0 {
 		v.BlockSize = 512

@@ -22,7 +22,7 @@ func serveCommand(ctx context.Context, g globalFlags, args []string, stdout, std
 	fs.StringVar(&v.Socket, "socket", "", "vhost-user socket path to create")
 	fs.StringVar(&v.Path, "volume", "", "backing file or block device")
 	fs.StringVar(&v.ID, "id", "", "serial the guest reads (default derived from the path)")
-	fs.IntVar(&v.Queues, "queues", 1, "most virtqueues")
+	fs.IntVar(&v.Queues, "queues", blk.MaxQueues, "most virtqueues offered; QEMU uses one per vCPU unless num-queues says otherwise")
 	fs.BoolVar(&v.ReadOnly, "read-only", false, "refuse writes")
 	fs.BoolVar(&v.Discard, "discard", false, "let the guest discard (punch holes)")
 	fs.BoolVar(&v.Direct, "direct", false, "use O_DIRECT for aligned I/O")
