@@ -90,7 +90,8 @@ func TestAttachFailures(t *testing.T) {
 	}
 }
 
-// locked reports whether the page containing p is mlocked (VmFlags "lc" in
+// locked reports whether the page containing p is mlocked, not dumped and not
+// inherited by a fork (VmFlags lo, dd, dc in
 // /proc/self/smaps).
 func locked(t *testing.T, p []byte) bool {
 	b, err := os.ReadFile("/proc/self/smaps")
@@ -108,7 +109,7 @@ func locked(t *testing.T, p []byte) bool {
 			continue
 		}
 		if inRange && strings.HasPrefix(line, "VmFlags:") {
-			return strings.Contains(line, " lc") && strings.Contains(line, " dd")
+			return strings.Contains(line, " lo") && strings.Contains(line, " dd") && strings.Contains(line, " dc")
 		}
 	}
 	return false
