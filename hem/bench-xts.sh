@@ -10,12 +10,21 @@ benchtime=${BENCHTIME:-1s}
 
 command -v openssl >/dev/null || { echo "bench-xts: openssl not installed (apt-get install openssl)" >&2; exit 1; }
 
+osslspeed() {
+	openssl speed -seconds 3 -evp aes-256-xts -bytes 4096 2>/dev/null |
+		awk '/^AES-256-XTS/ { v = $NF; sub(/k$/, "", v); printf "%.3f", v * 1000 / 1e9 }'
+}
+
+# OpenSSL runs before and after the Go benchmarks; the higher figure counts
+# (the conservative choice for hem's ratios).
+echo "# openssl speed -seconds 3 -evp aes-256-xts -bytes 4096   ($(openssl version)), before and after:"
+ossl1=$(osslspeed)
 echo "# go test -run '^\$' -bench 'BenchmarkXTS/.*/4096\$' -benchtime $benchtime -count $count ./hem/   (GOMAXPROCS=1)"
 gobench=$(GOMAXPROCS=1 go test -run '^$' -bench 'BenchmarkXTS/[^/]+/4096$' -benchtime "$benchtime" -count "$count" ./hem/)
-echo "# openssl speed -seconds 3 -evp aes-256-xts -bytes 4096   ($(openssl version))"
-ossl=$(openssl speed -seconds 3 -evp aes-256-xts -bytes 4096 2>/dev/null |
-	awk '/^AES-256-XTS/ { v = $NF; sub(/k$/, "", v); printf "%.3f", v * 1000 / 1e9 }')
-[ -n "$ossl" ] || { echo "bench-xts: could not parse openssl speed output" >&2; exit 1; }
+ossl2=$(osslspeed)
+echo "# openssl: $ossl1 GB/s before, $ossl2 GB/s after"
+ossl=$(awk -v a="${ossl1:-0}" -v b="${ossl2:-0}" 'BEGIN { print (a > b ? a : b) }')
+awk -v o="$ossl" 'BEGIN { exit !(o > 0) }' || { echo "bench-xts: could not parse openssl speed output" >&2; exit 1; }
 
 # Median MB/s per benchmark name, as GB/s.
 medians=$(printf '%s\n' "$gobench" | awk '

@@ -1,16 +1,22 @@
 //go:build ignore
 
-// This program generates xts_amd64.s: go generate ./hem/ (or
-// go run xts_amd64_gen.go > xts_amd64.s from this directory).
+// This program generates xts_amd64.s: go generate ./hem/ (or go run
+// xts_amd64_gen.go from this directory).
 //
-// Every XTS function takes the data-key schedule (encryption or decryption),
-// the encrypted tweaks of the run's units (computed by aesniEncryptBlocks),
-// the data, the number of units and the number of blocks per unit (a
-// multiple of 16). Round keys go into registers once per call; each tweak
-// enters the first round with the whitening key and leaves through the last
-// round key (AESENCLAST with k14^T does the final XOR for free); the tweaks
-// of the next batch are computed while the current batch is in the AES
-// units, so the GF(2^128) chain stays off the critical path.
+// Every XTS core has the signature
+//
+//	func(rk, tk *[240]byte, dst, src *byte, units, unitBlocks int, lo, hi uint64)
+//
+// rk is the data key's encryption or decryption schedule, tk the tweak key's
+// encryption schedule, and the run is units data units of unitBlocks blocks
+// (a multiple of 16) starting at the 128-bit unit number hi:lo. Round keys
+// are loaded once per call; each tweak enters the first round with the
+// whitening key and leaves through the last round key (AESENCLAST with
+// k14^T does the final XOR for free); the tweaks of the next batch are
+// computed while the current batch is in the AES units, and the next unit's
+// encrypted tweak goes through the AES unit one round at a time alongside
+// the first batch of the current unit, so neither the GF(2^128) chain nor
+// the tweak encryption sits on the critical path.
 package main
 
 import (
@@ -66,7 +72,6 @@ DATA xtsRcnt<>+0x38(SB)/8, $61
 GLOBL xtsRcnt<>(SB), RODATA|NOPTR, $64
 `)
 	cpuid()
-	encryptBlocks()
 	for _, dec := range []bool{false, true} {
 		aesni(dec)
 		vaes256(dec)
@@ -91,52 +96,13 @@ TEXT ·cpuid7(SB), NOSPLIT, $0-8
 `)
 }
 
-// encryptBlocks: ECB-encrypt n (a multiple of 8) blocks in place, 8 at a
-// time; used for the tweaks of a run.
-func encryptBlocks() {
-	out.WriteString(`
-// func aesniEncryptBlocks(rk *[240]byte, buf *[tweakChunk * 16]byte, n int)
-TEXT ·aesniEncryptBlocks(SB), NOSPLIT, $0-24
-`)
-	p("MOVQ rk+0(FP), AX")
-	p("MOVQ buf+8(FP), BX")
-	p("MOVQ n+16(FP), CX")
-	p("MOVOU (AX), X8")
-	label("ecbLoop")
-	p("TESTQ CX, CX")
-	p("JZ ecbDone")
-	for i := 0; i < 8; i++ {
-		p("MOVOU %d(BX), X%d", 16*i, i)
-		p("PXOR X8, X%d", i)
-	}
-	for r := 1; r < rounds; r++ {
-		p("MOVOU %d(AX), X9", 16*r)
-		for i := 0; i < 8; i++ {
-			p("AESENC X9, X%d", i)
-		}
-	}
-	p("MOVOU %d(AX), X9", 16*rounds)
-	for i := 0; i < 8; i++ {
-		p("AESENCLAST X9, X%d", i)
-		p("MOVOU X%d, %d(BX)", i, 16*i)
-	}
-	p("ADDQ $128, BX")
-	p("SUBQ $8, CX")
-	p("JMP ecbLoop")
-	label("ecbDone")
-	for i := 0; i <= 9; i++ {
-		p("PXOR X%d, X%d", i, i)
-	}
-	p("RET")
-}
-
 func header(name string, frame int) {
 	fmt.Fprintf(&out, `
-// func %s(rk *[240]byte, tw *[tweakChunk * 16]byte, dst, src *byte, units, unitBlocks int)
-TEXT ·%s(SB), NOSPLIT, $%d-48
+// func %s(rk, tk *[240]byte, dst, src *byte, units, unitBlocks int, lo, hi uint64)
+TEXT ·%s(SB), NOSPLIT, $%d-64
 `, name, name, frame)
 	p("MOVQ rk+0(FP), AX")
-	p("MOVQ tw+8(FP), BX")
+	p("MOVQ tk+8(FP), BX")
 	p("MOVQ dst+16(FP), DI")
 	p("MOVQ src+24(FP), SI")
 	p("MOVQ units+32(FP), CX")
@@ -151,30 +117,95 @@ func ops(dec bool) (round, last, name string) {
 }
 
 // aesni: 8 blocks in flight in X0-X7; k0 in X8, k14 in X9, the other round
-// keys loaded once per round (legacy SSE encoding needs no AVX, and its
-// memory operands would need 16-byte alignment). The tweaks live in two 128-byte buffers on the stack: the
-// current batch's (R11) and the next batch's (R12), which is computed in
-// general-purpose registers (R8:R9, doubling with ADD/ADC) between the AES
-// rounds, on the integer ports the AES rounds leave idle.
+// keys loaded once per round into X10/X11 (legacy SSE encoding needs no AVX,
+// and its memory operands would need 16-byte alignment). The tweaks live in
+// two 128-byte buffers on the stack: the current batch's (R11) and the next
+// batch's (R12), which is computed in general-purpose registers (R9:R8,
+// doubling with ADD/ADC) between the AES rounds, on the integer ports the
+// AES rounds leave idle. The next unit's tweak is encrypted in X15; the unit
+// number is counted in the lo/hi argument slots, read as one 128-bit value.
 func aesni(dec bool) {
 	round, last, name := ops(dec)
 	fn := "xts" + name + "AESNI"
 	header(fn, 256)
+	comment("X15 = E_K2(first unit number).")
+	p("LEAQ lo+48(FP), R10")
+	p("MOVOU (R10), X15")
+	for r := 0; r <= rounds; r++ {
+		p("MOVOU %d(BX), X14", 16*r)
+		switch r {
+		case 0:
+			p("PXOR X14, X15")
+		case rounds:
+			p("AESENCLAST X14, X15")
+		default:
+			p("AESENC X14, X15")
+		}
+	}
 	p("MOVOU (AX), X8")
 	p("MOVOU %d(AX), X9", 16*rounds)
 	p("LEAQ 0(SP), R11")
 	p("LEAQ 128(SP), R12")
 	l := fn
 	label(l + "Unit")
-	p("MOVQ (BX), R8")
-	p("MOVQ 8(BX), R9")
-	for j := 0; j < 8; j++ {
-		tweakStepGPR("R11", j)
+	comment("Slots j = 0..7 of the first batch hold T*x^j, computed side by side with PCLMULQDQ; R9:R8 = T*x^8 starts the GPR chain.")
+	p("MOVOU xtsPoly<>(SB), X14")
+	p("MOVOU X15, (R11)")
+	sets := [][3]int{{0, 1, 2}, {3, 4, 5}, {6, 7, 13}}
+	for j := 1; j <= 8; j++ {
+		t := sets[j%3]
+		a, b, c := t[0], t[1], t[2]
+		p("MOVOU X15, X%d", a)
+		p("PSRLQ $%d, X%d", 64-j, a)
+		p("MOVOU X%d, X%d", a, b)
+		p("PSRLO $8, X%d", b)
+		p("PCLMULQDQ $0x00, X14, X%d", b)
+		p("PSLLO $8, X%d", a)
+		p("MOVOU X15, X%d", c)
+		p("PSLLQ $%d, X%d", j, c)
+		p("PXOR X%d, X%d", a, c)
+		p("PXOR X%d, X%d", b, c)
+		if j < 8 {
+			p("MOVOU X%d, %d(R11)", c, 16*j)
+		} else {
+			p("MOVQ X%d, R8", c)
+			p("PSRLO $8, X%d", c)
+			p("MOVQ X%d, R9", c)
+		}
 	}
+	comment("X15 = the next unit number, whitened with the tweak key.")
+	p("ADDQ $1, lo+48(FP)")
+	p("ADCQ $0, hi+56(FP)")
+	p("LEAQ lo+48(FP), R10")
+	p("MOVOU (R10), X15")
+	p("MOVOU (BX), X14")
+	p("PXOR X14, X15")
 	p("MOVQ R13, DX")
+	batchAESNI(round, last, true)
+	p("SUBQ $8, DX")
+	p("JZ %sUnitEnd", l)
 	label(l + "Batch")
+	batchAESNI(round, last, false)
+	p("SUBQ $8, DX")
+	p("JNZ %sBatch", l)
+	label(l + "UnitEnd")
+	p("DECQ CX")
+	p("JNZ %sUnit", l)
+	for i := 0; i < 16; i++ {
+		p("PXOR X%d, X%d", i, i)
+	}
+	comment("Clear the tweak buffers.")
+	for off := 0; off < 256; off += 16 {
+		p("MOVOU X0, %d(SP)", off)
+	}
+	p("RET")
+}
+
+// batchAESNI is one batch of 8 blocks; in the first batch of a unit it also
+// encrypts the next unit's tweak in X15.
+func batchAESNI(round, last string, first bool) {
 	for i := 0; i < 8; i++ {
-		t := 12 + i%4
+		t := 12 + i%2
 		p("MOVOU %d(SI), X%d", 16*i, i)
 		p("MOVOU %d(R11), X%d", 16*i, t)
 		p("PXOR X%d, X%d", t, i)
@@ -186,12 +217,20 @@ func aesni(dec bool) {
 		for i := 0; i < 8; i++ {
 			p("%s X%d, X%d", round, k, i)
 		}
+		if first {
+			p("MOVOU %d(BX), X14", 16*r)
+			p("AESENC X14, X15")
+		}
 		if r <= 8 {
 			tweakStepGPR("R12", r-1)
 		}
 	}
+	if first {
+		p("MOVOU %d(BX), X14", 16*rounds)
+		p("AESENCLAST X14, X15")
+	}
 	for i := 0; i < 8; i++ {
-		t := 12 + i%4
+		t := 12 + i%2
 		p("MOVOU %d(R11), X%d", 16*i, t)
 		p("PXOR X9, X%d", t)
 		p("%s X%d, X%d", last, t, i)
@@ -200,15 +239,6 @@ func aesni(dec bool) {
 	p("XCHGQ R11, R12")
 	p("ADDQ $128, SI")
 	p("ADDQ $128, DI")
-	p("SUBQ $8, DX")
-	p("JNZ %sBatch", l)
-	p("ADDQ $16, BX")
-	p("DECQ CX")
-	p("JNZ %sUnit", l)
-	for i := 0; i < 16; i++ {
-		p("PXOR X%d, X%d", i, i)
-	}
-	p("RET")
 }
 
 // tweakStepGPR stores the tweak R9:R8 in slot j of the buffer at base and
@@ -256,22 +286,31 @@ func mulxBytes(src, dst, t0, t1, poly string, s int, ternlog bool) {
 }
 
 // vaes256: AVX2 + VAES + VPCLMULQDQ on YMM registers (two blocks each), for
-// CPUs without AVX-512. 16 blocks in flight in Y0-Y7; the round key is
-// broadcast into Y15 once per round; the tweaks of the current and next
-// batches live in two 256-byte stack buffers (R11, R12), the next ones
-// computed as the current ones times x^16 between the rounds.
+// CPUs without AVX-512. 16 blocks in flight in Y0-Y7; k0 in Y14, the other
+// round keys broadcast into Y15 once per round; the tweaks of the current
+// and next batches live in two 256-byte stack buffers (R11, R12), the next
+// ones computed as the current ones times x^16 between the rounds. The next
+// unit's tweak is encrypted in X11.
 func vaes256(dec bool) {
 	round, last, name := ops(dec)
 	round, last = "V"+round, "V"+last
 	fn := "xts" + name + "VAES256"
 	header(fn, 512)
+	comment("X11 = E_K2(first unit number).")
+	p("LEAQ lo+48(FP), R10")
+	p("VMOVDQU (R10), X11")
+	p("VPXOR (BX), X11, X11")
+	for r := 1; r < rounds; r++ {
+		p("VAESENC %d(BX), X11, X11", 16*r)
+	}
+	p("VAESENCLAST %d(BX), X11, X11", 16*rounds)
 	p("LEAQ 0(SP), R11")
 	p("LEAQ 256(SP), R12")
 	p("VBROADCASTI128 (AX), Y14")
 	l := fn
 	label(l + "Unit")
-	// Y8 = [T, T*x], then slot j holds [T*x^2j, T*x^(2j+1)].
-	p("VBROADCASTI128 (BX), Y8")
+	comment("Y8 = [T, T*x], then slot j holds [T*x^2j, T*x^(2j+1)].")
+	p("VINSERTI128 $1, X11, Y11, Y8")
 	p("VPSRLVQ xtsRcnt<>(SB), Y8, Y9")
 	p("VPCLMULQDQ $0x01, xtsPoly<>(SB), Y9, Y10")
 	p("VPSLLDQ $8, Y9, Y9")
@@ -283,8 +322,37 @@ func vaes256(dec bool) {
 		mulx("Y8", "Y9", "Y10", "Y11", "xtsPoly<>(SB)", 2*j, false)
 		p("VMOVDQU Y9, %d(R11)", 32*j)
 	}
+	comment("X11 = the next unit number, whitened with the tweak key.")
+	p("ADDQ $1, lo+48(FP)")
+	p("ADCQ $0, hi+56(FP)")
+	p("LEAQ lo+48(FP), R10")
+	p("VMOVDQU (R10), X11")
+	p("VPXOR (BX), X11, X11")
 	p("MOVQ R13, DX")
+	batch256(round, last, true)
+	p("SUBQ $16, DX")
+	p("JZ %sUnitEnd", l)
 	label(l + "Batch")
+	batch256(round, last, false)
+	p("SUBQ $16, DX")
+	p("JNZ %sBatch", l)
+	label(l + "UnitEnd")
+	p("DECQ CX")
+	p("JNZ %sUnit", l)
+	for i := 0; i < 16; i++ {
+		p("VPXOR Y%d, Y%d, Y%d", i, i, i)
+	}
+	comment("Clear the tweak buffers.")
+	for off := 0; off < 512; off += 32 {
+		p("VMOVDQU Y0, %d(SP)", off)
+	}
+	p("VZEROUPPER")
+	p("RET")
+}
+
+// batch256 is one batch of 16 blocks; in the first batch of a unit it also
+// encrypts the next unit's tweak in X11.
+func batch256(round, last string, first bool) {
 	for i := 0; i < 8; i++ {
 		p("VMOVDQU %d(SI), Y%d", 32*i, i)
 		p("VPXOR %d(R11), Y%d, Y%d", 32*i, i, i)
@@ -295,13 +363,18 @@ func vaes256(dec bool) {
 		for i := 0; i < 8; i++ {
 			p("%s Y15, Y%d, Y%d", round, i, i)
 		}
+		if first {
+			p("VAESENC %d(BX), X11, X11", 16*r)
+		}
 		if r <= 8 {
 			j := r - 1
-			a, b, c := 8+3*(j%2), 9+3*(j%2), 10+3*(j%2)
-			p("VMOVDQU %d(R11), Y%d", 32*j, a)
-			mulxBytes(fmt.Sprintf("Y%d", a), fmt.Sprintf("Y%d", a), fmt.Sprintf("Y%d", b), fmt.Sprintf("Y%d", c), "xtsPoly<>(SB)", 16, false)
-			p("VMOVDQU Y%d, %d(R12)", a, 32*j)
+			p("VMOVDQU %d(R11), Y8", 32*j)
+			mulxBytes("Y8", "Y8", "Y9", "Y10", "xtsPoly<>(SB)", 16, false)
+			p("VMOVDQU Y8, %d(R12)", 32*j)
 		}
+	}
+	if first {
+		p("VAESENCLAST %d(BX), X11, X11", 16*rounds)
 	}
 	p("VBROADCASTI128 %d(AX), Y15", 16*rounds)
 	for i := 0; i < 8; i++ {
@@ -312,16 +385,6 @@ func vaes256(dec bool) {
 	p("XCHGQ R11, R12")
 	p("ADDQ $256, SI")
 	p("ADDQ $256, DI")
-	p("SUBQ $16, DX")
-	p("JNZ %sBatch", l)
-	p("ADDQ $16, BX")
-	p("DECQ CX")
-	p("JNZ %sUnit", l)
-	for i := 0; i < 16; i++ {
-		p("VPXOR Y%d, Y%d, Y%d", i, i, i)
-	}
-	p("VZEROUPPER")
-	p("RET")
 }
 
 // vaes512: AVX-512 + VAES + VPCLMULQDQ on ZMM registers (four blocks each).
@@ -336,16 +399,8 @@ func vaes512(dec bool) {
 	round, last, name := ops(dec)
 	round, last = "V"+round, "V"+last
 	fn := "xts" + name + "VAES512"
-	fmt.Fprintf(&out, `
-// func %s(rk, tk *[240]byte, dst, src *byte, units, unitBlocks int, lo, hi uint64)
-TEXT ·%s(SB), NOSPLIT, $0-64
-`, fn, fn)
-	p("MOVQ rk+0(FP), AX")
+	header(fn, 0)
 	p("MOVQ tk+8(FP), R8")
-	p("MOVQ dst+16(FP), DI")
-	p("MOVQ src+24(FP), SI")
-	p("MOVQ units+32(FP), CX")
-	p("MOVQ unitBlocks+40(FP), R13")
 	p("MOVQ lo+48(FP), R9")
 	p("MOVQ hi+56(FP), R10")
 	comment("X8 = E_K2(first unit number), interleaved with loading the round keys.")

@@ -284,13 +284,22 @@ sys.stdout.buffer.write(bytes(out))
 
 // TestOpenSSL decrypts hem's output with OpenSSL's libcrypto.
 func TestOpenSSL(t *testing.T) {
-	if _, err := exec.LookPath("python3"); err != nil {
-		t.Skip("python3 not installed: cannot reach OpenSSL's EVP_aes_256_xts (apt-get install python3-cryptography)")
+	// Debian's python3-cryptography (installed by make test) links the
+	// system's libcrypto; another python3 on PATH is the fallback.
+	python := ""
+	for _, p := range []string{"/usr/bin/python3", "python3"} {
+		if out, err := exec.Command(p, "-c", "import cryptography").CombinedOutput(); err == nil {
+			python = p
+			break
+		} else {
+			t.Logf("%s: no cryptography module: %s", p, out)
+		}
 	}
-	if out, err := exec.Command("python3", "-c", "import cryptography").CombinedOutput(); err != nil {
-		t.Skipf("python3-cryptography not installed (apt-get install python3-cryptography): %s", out)
+	if python == "" {
+		t.Skip("python3-cryptography not installed: cannot reach OpenSSL's EVP_aes_256_xts (apt-get install python3-cryptography)")
 	}
 	rng := rand.New(rand.NewPCG(3, 0))
+	logged := false
 	forEachImpl(t, func(t *testing.T, im impl) {
 		for _, unitSize := range []int{512, 4096} {
 			for _, unit := range []uint64{0, 1<<32 - 1, 1<<64 - 3} {
@@ -305,7 +314,7 @@ func TestOpenSSL(t *testing.T) {
 				x := mustXTS(t, im, key, unitSize)
 				ct := make([]byte, len(pt))
 				x.Encrypt(ct, pt, unit)
-				cmd := exec.Command("python3", "-c", opensslScript, hex.EncodeToString(key), fmt.Sprint(unitSize), fmt.Sprint(unit))
+				cmd := exec.Command(python, "-c", opensslScript, hex.EncodeToString(key), fmt.Sprint(unitSize), fmt.Sprint(unit))
 				cmd.Stdin = bytes.NewReader(ct)
 				var stderr bytes.Buffer
 				cmd.Stderr = &stderr
@@ -315,6 +324,10 @@ func TestOpenSSL(t *testing.T) {
 				}
 				if !bytes.Equal(got, pt) {
 					t.Fatalf("unit size %d from unit %#x: OpenSSL (%s) does not decrypt hem's ciphertext (byte %d)", unitSize, unit, stderr.String(), firstDiff(got, pt))
+				}
+				if !logged {
+					t.Logf("decrypted by %s", stderr.String())
+					logged = true
 				}
 			}
 		}
