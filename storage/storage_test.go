@@ -159,3 +159,22 @@ func TestBlockDevice(t *testing.T) {
 		t.Fatal("zeroed range on block device not zero")
 	}
 }
+
+func TestSection(t *testing.T) {
+	f, p := newFile(t, 3<<20, Options{})
+	s, err := NewSection(f, 1<<20, 2<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Size() != 2<<20 {
+		t.Fatalf("size %d", s.Size())
+	}
+	s.WriteAtv([][]byte{[]byte("section")}, 10)
+	b, _ := os.ReadFile(p)
+	if string(b[1<<20+10:1<<20+17]) != "section" {
+		t.Fatal("section write not at base+off")
+	}
+	if _, err := NewSection(f, 2<<20, 2<<20); err == nil {
+		t.Fatal("section beyond the file accepted")
+	}
+}
