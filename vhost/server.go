@@ -43,6 +43,14 @@ type Device interface {
 	Handler(i int) Handler
 }
 
+// Checker is a Device that can refuse a front-end before it sees the device:
+// Check runs once per session, before the first GET_CONFIG is answered. An
+// error ends the session, and QEMU then fails to realize the device (the
+// guest never sees the disk).
+type Checker interface {
+	Check(ctx context.Context) error
+}
+
 // Handler serves the requests of one queue.
 type Handler interface {
 	// Handle serves one chain and returns how many bytes it wrote into it.
@@ -160,6 +168,7 @@ type session struct {
 	mem      *guestmem.Table
 	rings    []*vring
 	started  bool // Device.Start succeeded
+	checked  bool // Checker.Check passed
 	fatal    chan error
 }
 
@@ -288,6 +297,12 @@ func (s *session) dispatch(m *message) ([]byte, error) {
 		c, err := m.config()
 		if err != nil {
 			return nil, err
+		}
+		if ch, ok := s.dev.(Checker); ok && !s.checked {
+			if err := ch.Check(s.ctx); err != nil {
+				return nil, fmt.Errorf("device refused: %w", err)
+			}
+			s.checked = true
 		}
 		cfg := s.dev.Config()
 		c.Data = make([]byte, c.Size)

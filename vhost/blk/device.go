@@ -39,6 +39,9 @@ type Transform interface {
 // Keys gives the device its transform while a front-end runs it (attach) and
 // takes it back when the front-end stops it (detach).
 type Keys interface {
+	// Check tells, without unwrapping anything, whether Attach can work now
+	// (the KMS is reachable, the key is enabled).
+	Check(ctx context.Context) error
 	Attach(ctx context.Context) (Transform, error)
 	Detach()
 }
@@ -93,6 +96,7 @@ type Device struct {
 	// xform is set by Start and cleared by Stop, both on the session
 	// goroutine while no queue runs; handlers copy it when they start.
 	xform  Transform
+	failed error // why the last attach failed: every request gets IOERR
 	serial string
 }
 
@@ -205,18 +209,38 @@ func (d *Device) SetConfig(offset uint32, data []byte) error {
 // MaxQueues implements vhost.Device.
 func (d *Device) MaxQueues() int { return d.cfg.Queues }
 
-// Start implements vhost.Device: it attaches the volume's keys.
+// Check implements vhost.Checker: a volume whose keys cannot be attached is
+// refused before the guest sees it.
+func (d *Device) Check(ctx context.Context) error {
+	if d.cfg.Keys == nil {
+		return nil
+	}
+	if err := d.cfg.Keys.Check(ctx); err != nil {
+		d.log.Error("volume refused: key unusable", "err", err)
+		return fmt.Errorf("volume %s: %w", d.cfg.ID, err)
+	}
+	return nil
+}
+
+// Start implements vhost.Device: it attaches the volume's keys. If that
+// fails the device fails closed: the rings run, but every request completes
+// with IOERR and nothing is read or written.
 func (d *Device) Start(ctx context.Context, features uint64) error {
+	d.failed = nil
 	if d.cfg.Keys == nil {
 		return nil
 	}
 	x, err := d.cfg.Keys.Attach(ctx)
-	if err != nil {
-		return fmt.Errorf("attach %s: %w", d.cfg.ID, err)
+	if err == nil {
+		if us := x.UnitSize(); us < sectorSize || us > int(d.cfg.BlockSize) || us&(us-1) != 0 {
+			d.cfg.Keys.Detach()
+			err = fmt.Errorf("data unit %d does not fit block size %d", us, d.cfg.BlockSize)
+		}
 	}
-	if us := x.UnitSize(); us < sectorSize || us > int(d.cfg.BlockSize) || us&(us-1) != 0 {
-		d.cfg.Keys.Detach()
-		return fmt.Errorf("attach %s: data unit %d does not fit block size %d", d.cfg.ID, us, d.cfg.BlockSize)
+	if err != nil {
+		d.failed = fmt.Errorf("attach %s: %w", d.cfg.ID, err)
+		d.log.Error("attach failed: every request fails with IOERR", "err", err)
+		return nil
 	}
 	d.xform = x
 	return nil
@@ -224,6 +248,7 @@ func (d *Device) Start(ctx context.Context, features uint64) error {
 
 // Stop implements vhost.Device: it detaches (zeroizes) the keys.
 func (d *Device) Stop() {
+	d.failed = nil
 	if d.xform != nil {
 		d.xform = nil
 		d.cfg.Keys.Detach()
@@ -232,7 +257,7 @@ func (d *Device) Stop() {
 
 // Handler implements vhost.Device.
 func (d *Device) Handler(i int) vhost.Handler {
-	w := &worker{dev: d, stats: &d.stats[i], queue: i, xform: d.xform}
+	w := &worker{dev: d, stats: &d.stats[i], queue: i, xform: d.xform, failed: d.failed}
 	if w.xform != nil {
 		w.bounce = make([]byte, bounceSize)
 		w.scratch = make([]byte, w.xform.UnitSize())

@@ -557,3 +557,12 @@ func TestResetDevice(t *testing.T) {
 		t.Fatalf("read after reset: %d", st)
 	}
 }
+
+func le64(v uint64) []byte { return binary.LittleEndian.AppendUint64(nil, v) }
+func le32(vs ...uint32) []byte {
+	var b []byte
+	for _, v := range vs {
+		b = binary.LittleEndian.AppendUint32(b, v)
+	}
+	return b
+}

@@ -16,6 +16,7 @@ type worker struct {
 	stats   *Stats
 	queue   int
 	xform   Transform
+	failed  error // the attach failed: fail every request
 	req     request
 	bounce  []byte   // encrypted data on its way to storage
 	scratch []byte   // one data unit that straddles two guest buffers
@@ -41,6 +42,11 @@ func (w *worker) Handle(c *virtq.Chain) uint32 {
 			r.status[0] = StatusIOErr
 		}
 		w.dev.log.Debug("request refused", "queue", w.queue, "type", r.typ, "sector", r.sector, "err", err)
+		return 1
+	}
+	if w.failed != nil {
+		w.stats.IOErrors.Add(1)
+		r.status[0] = StatusIOErr
 		return 1
 	}
 	written, err := w.do(r)
