@@ -22,7 +22,9 @@ func NewSection(f *File, base, size int64) (*Section, error) {
 func (s *Section) Size() int64 { return s.size }
 
 // ReadAtv reads bufs at off within the section.
-func (s *Section) ReadAtv(bufs [][]byte, off int64) (int, error) { return s.f.ReadAtv(bufs, s.base+off) }
+func (s *Section) ReadAtv(bufs [][]byte, off int64) (int, error) {
+	return s.f.ReadAtv(bufs, s.base+off)
+}
 
 // WriteAtv writes bufs at off within the section.
 func (s *Section) WriteAtv(bufs [][]byte, off int64) (int, error) {
