@@ -27,6 +27,8 @@ const usage = `usage: hemd [--state-dir DIR] COMMAND [ARGS]
 
 commands:
   serve      serve volumes to QEMU over vhost-user-blk
+  volume     create, inspect, import and export encrypted volumes
+  snapshot   create and copy snapshots
   key        manage customer master keys in the KMS
   kms        run the KMS as a network service (kms serve)
   bench      measure a vhost-user-blk back-end (hemd or any other)
@@ -78,6 +80,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return keyCommand(ctx, g, rest, stdout, stderr)
 	case "kms":
 		return kmsCommand(ctx, g, rest, stdout, stderr)
+	case "volume":
+		return volumeCommand(ctx, g, rest, stdout, stderr)
+	case "snapshot":
+		return snapshotCommand(ctx, g, rest, stdout, stderr)
 	case "bench":
 		return benchCommand(ctx, g, rest, stdout, stderr)
 	case "version":

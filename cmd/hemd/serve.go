@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"sync"
 
+	"github.com/hemd/hemd/hem/volume"
 	"github.com/hemd/hemd/storage"
 	"github.com/hemd/hemd/vhost"
 	"github.com/hemd/hemd/vhost/blk"
@@ -61,23 +62,31 @@ func serveCommand(ctx context.Context, g globalFlags, args []string, stdout, std
 		}
 		vols = []volumeConfig{v}
 	}
-	return serveVolumes(ctx, g.Log, vols)
+	return serveVolumes(ctx, g, vols)
 }
 
 // served is one volume being served.
 type served struct {
 	cfg   volumeConfig
 	store *storage.File
+	keys  *volumeKeys // nil for a raw (unencrypted) file
 	ln    *vhost.Listener
 	srv   *vhost.Server
 }
 
 // serveVolumes opens every volume and its socket, then serves them until ctx
 // ends. Nothing is served unless every volume opened.
-func serveVolumes(ctx context.Context, log *slog.Logger, vols []volumeConfig) error {
+func serveVolumes(ctx context.Context, g globalFlags, vols []volumeConfig) error {
+	log := g.Log
 	var all []*served
+	var kms volume.KMS
+	closeKMS := func() {}
+	defer func() { closeKMS() }()
 	defer func() {
 		for _, s := range all {
+			if s.keys != nil {
+				s.keys.Detach() // zeroize whatever a session left attached
+			}
 			if s.ln != nil {
 				s.ln.Close()
 			}
@@ -87,7 +96,16 @@ func serveVolumes(ctx context.Context, log *slog.Logger, vols []volumeConfig) er
 		}
 	}()
 	for _, v := range vols {
-		s, err := openServed(v, log)
+		s, err := openServed(ctx, v, log, func() (volume.KMS, error) {
+			if kms == nil {
+				k, c, err := openKMS(ctx, g)
+				if err != nil {
+					return nil, err
+				}
+				kms, closeKMS = k, c
+			}
+			return kms, nil
+		})
 		if err != nil {
 			return err
 		}
@@ -109,24 +127,56 @@ func serveVolumes(ctx context.Context, log *slog.Logger, vols []volumeConfig) er
 	return errors.Join(errs...)
 }
 
-func openServed(v volumeConfig, log *slog.Logger) (*served, error) {
+func openServed(ctx context.Context, v volumeConfig, log *slog.Logger, kmsFor func() (volume.KMS, error)) (*served, error) {
 	st, err := storage.Open(v.Path, storage.Options{ReadOnly: v.ReadOnly, Direct: v.Direct, Discard: v.Discard})
 	if err != nil {
-		return nil, fmt.Errorf("volume %s: %w", v.ID, err)
+		return nil, fmt.Errorf("volume %s: %w", v.Path, err)
 	}
-	vl := log.With("volume", v.ID)
-	dev, err := blk.New(blk.Config{
-		ID: v.ID, Store: st, BlockSize: v.BlockSize, ReadOnly: v.ReadOnly,
-		Discard: v.Discard, Queues: v.Queues, Log: vl,
-	})
-	if err != nil {
+	fail := func(err error) (*served, error) {
 		st.Close()
-		return nil, fmt.Errorf("volume %s: %w", v.ID, err)
+		return nil, err
+	}
+	s := &served{cfg: v, store: st}
+	var store blk.Store = st
+	h, herr := volume.Read(st)
+	switch {
+	case herr == nil:
+		// An encrypted volume: the guest sees the data area, through XTS.
+		if v.ID != "" && v.ID != defaultVolumeID(v.Path) && v.ID != h.VolumeID {
+			return fail(fmt.Errorf("volume %s: config says id %s", h.VolumeID, v.ID))
+		}
+		s.cfg.ID, s.cfg.BlockSize = h.VolumeID, h.BlockSize
+		sec, err := storage.NewSection(st, int64(h.DataOffset), int64(h.SizeBytes))
+		if err != nil {
+			return fail(fmt.Errorf("volume %s: %w", h.VolumeID, err))
+		}
+		store = sec
+		kms, err := kmsFor()
+		if err != nil {
+			return fail(fmt.Errorf("volume %s: %w", h.VolumeID, err))
+		}
+		s.keys = newVolumeKeys(h, kms, log)
+	case errors.Is(herr, volume.ErrNotVolume):
+		log.Warn("serving a raw file unencrypted: it has no hemd volume header", "path", v.Path)
+	default:
+		return fail(fmt.Errorf("volume %s: %w", v.Path, herr))
+	}
+	vl := log.With("volume", s.cfg.ID)
+	cfg := blk.Config{
+		ID: s.cfg.ID, Store: store, BlockSize: s.cfg.BlockSize, ReadOnly: v.ReadOnly,
+		Discard: v.Discard, Queues: v.Queues, Log: vl,
+	}
+	if s.keys != nil {
+		cfg.Keys = s.keys
+	}
+	dev, err := blk.New(cfg)
+	if err != nil {
+		return fail(fmt.Errorf("volume %s: %w", s.cfg.ID, err))
 	}
 	ln, err := vhost.Listen(v.Socket)
 	if err != nil {
-		st.Close()
-		return nil, fmt.Errorf("volume %s: %w", v.ID, err)
+		return fail(fmt.Errorf("volume %s: %w", s.cfg.ID, err))
 	}
-	return &served{cfg: v, store: st, ln: ln, srv: &vhost.Server{Device: dev, Log: vl}}, nil
+	s.ln, s.srv = ln, &vhost.Server{Device: dev, Log: vl}
+	return s, nil
 }

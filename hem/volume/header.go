@@ -40,6 +40,9 @@ var (
 	ErrCopyIndex   = errors.New("header copy index does not match its place")
 	ErrMeta        = errors.New("invalid header metadata")
 	ErrBothCorrupt = errors.New("both header copies are corrupt")
+	// ErrNotVolume means neither header copy has the magic: a raw image,
+	// not a hemd volume.
+	ErrNotVolume = errors.New("not a hemd volume (no header)")
 )
 
 // Header is a volume's metadata.
@@ -190,6 +193,9 @@ func Read(r io.ReaderAt) (*Header, error) {
 		return hs[0], nil
 	case hs[1] != nil:
 		return hs[1], nil
+	}
+	if errors.Is(errs[0], ErrMagic) && errors.Is(errs[1], ErrMagic) {
+		return nil, ErrNotVolume
 	}
 	return nil, fmt.Errorf("%w: primary: %w; backup: %w", ErrBothCorrupt, errs[0], errs[1])
 }

@@ -181,8 +181,10 @@ func (v *Volume) Path() string { return v.path }
 // Unwrapper returns the function that unwraps the volume's data key through
 // the KMS, with the context stored in the header. A wrapped key swapped in
 // from another volume fails here: its context does not match.
-func (v *Volume) Unwrapper(kms KMS) datakey.Unwrap {
-	h := v.Head
+func (v *Volume) Unwrapper(kms KMS) datakey.Unwrap { return Unwrapper(v.Head, kms) }
+
+// Unwrapper is Volume.Unwrapper for a header read elsewhere.
+func Unwrapper(h *Header, kms KMS) datakey.Unwrap {
 	return func(ctx context.Context, dst []byte) error {
 		arn, err := kms.Decrypt(ctx, h.WrappedDEK, h.EncryptionContext, dst)
 		if err != nil {

@@ -1,0 +1,280 @@
+package main
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/hemd/hemd/hem/volume"
+)
+
+// volumeCommand runs `hemd volume create|inspect|import|export`.
+func volumeCommand(ctx context.Context, g globalFlags, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		return errors.New("usage: hemd volume create|inspect|import|export ...")
+	}
+	sub, args := args[0], args[1:]
+	fs := flag.NewFlagSet("volume "+sub, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	switch sub {
+	case "create":
+		size := fs.String("size", "", "volume size (e.g. 10G); default: the snapshot's size")
+		key := fs.String("key", "", "KMS key id, ARN or alias (default: the default key)")
+		bs := fs.Uint("block-size", 512, "logical block size, 512 or 4096")
+		snap := fs.String("snapshot", "", "snapshot file to start from (shares its data key)")
+		id := fs.String("id", "", "volume id (default: a new vol- id)")
+		if err := parse(fs, args, 1, "PATH"); err != nil {
+			return err
+		}
+		var n int
+		if *size != "" {
+			var err error
+			if n, err = parseSize(*size); err != nil {
+				return fmt.Errorf("volume create: --size: %w", err)
+			}
+		} else if *snap == "" {
+			return errors.New("volume create: --size is required (or --snapshot)")
+		}
+		kms, closeKMS, err := openKMS(ctx, g)
+		if err != nil {
+			return fmt.Errorf("volume create: %w", err)
+		}
+		defer closeKMS()
+		keyID := *key
+		if keyID == "" && *snap == "" {
+			if keyID, err = defaultKey(ctx, g); err != nil {
+				return fmt.Errorf("volume create: %w", err)
+			}
+		}
+		v, err := volume.Create(ctx, kms, fs.Arg(0), volume.CreateOptions{
+			ID: *id, Size: uint64(n), BlockSize: uint32(*bs), KeyID: keyID, Parent: *snap})
+		if err != nil {
+			return err
+		}
+		defer v.Close()
+		g.Log.Info("volume created", "volume", v.Head.VolumeID, "key", v.Head.KeyID, "path", fs.Arg(0))
+		fmt.Fprintln(stdout, v.Head.VolumeID)
+		return nil
+	case "inspect":
+		asJSON := fs.Bool("json", false, "print JSON")
+		if err := parse(fs, args, 1, "PATH"); err != nil {
+			return err
+		}
+		v, err := volume.Open(fs.Arg(0), true)
+		if err != nil {
+			return err
+		}
+		defer v.Close()
+		return printHeader(stdout, v.Head, *asJSON)
+	case "import":
+		from := fs.String("from", "", "raw image to encrypt into the volume")
+		if err := parse(fs, args, 1, "PATH"); err != nil {
+			return err
+		}
+		if *from == "" {
+			return errors.New("volume import: --from is required")
+		}
+		src, err := os.Open(*from)
+		if err != nil {
+			return fmt.Errorf("volume import: %w", err)
+		}
+		defer src.Close()
+		st, err := src.Stat()
+		if err != nil {
+			return err
+		}
+		v, err := volume.Open(fs.Arg(0), false)
+		if err != nil {
+			return err
+		}
+		defer v.Close()
+		kms, closeKMS, err := openKMS(ctx, g)
+		if err != nil {
+			return fmt.Errorf("volume import: %w", err)
+		}
+		defer closeKMS()
+		bar := newProgressBar(stderr, "import")
+		err = v.Import(ctx, kms, src, st.Size(), bar.update)
+		bar.done()
+		return err
+	case "export":
+		to := fs.String("to", "", "raw file to write the plaintext to")
+		if err := parse(fs, args, 1, "PATH"); err != nil {
+			return err
+		}
+		if *to == "" {
+			return errors.New("volume export: --to is required")
+		}
+		v, err := volume.Open(fs.Arg(0), true)
+		if err != nil {
+			return err
+		}
+		defer v.Close()
+		kms, closeKMS, err := openKMS(ctx, g)
+		if err != nil {
+			return fmt.Errorf("volume export: %w", err)
+		}
+		defer closeKMS()
+		out, err := os.OpenFile(*to, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			return fmt.Errorf("volume export: %w", err)
+		}
+		bar := newProgressBar(stderr, "export")
+		err = v.Export(ctx, kms, out, bar.update)
+		bar.done()
+		if cerr := out.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			os.Remove(*to)
+		}
+		return err
+	}
+	return fmt.Errorf("volume: unknown subcommand %q", sub)
+}
+
+// snapshotCommand runs `hemd snapshot create|copy`.
+func snapshotCommand(ctx context.Context, g globalFlags, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		return errors.New("usage: hemd snapshot create VOLUME SNAPSHOT | hemd snapshot copy [--key KEY] SRC DST")
+	}
+	sub, args := args[0], args[1:]
+	fs := flag.NewFlagSet("snapshot "+sub, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	id := fs.String("id", "", "snapshot id (default: a new snap- id)")
+	switch sub {
+	case "create":
+		if err := parse(fs, args, 2, "VOLUME SNAPSHOT"); err != nil {
+			return err
+		}
+		v, err := volume.Open(fs.Arg(0), true)
+		if err != nil {
+			return err
+		}
+		defer v.Close()
+		s, err := v.Snapshot(fs.Arg(1), *id)
+		if err != nil {
+			return err
+		}
+		defer s.Close()
+		g.Log.Info("snapshot created", "snapshot", s.Head.VolumeID, "volume", v.Head.VolumeID, "key", s.Head.KeyID)
+		fmt.Fprintln(stdout, s.Head.VolumeID)
+		return nil
+	case "copy":
+		key := fs.String("key", "", "KMS key for the copy (default: the source's key)")
+		if err := parse(fs, args, 2, "SRC DST"); err != nil {
+			return err
+		}
+		v, err := volume.Open(fs.Arg(0), true)
+		if err != nil {
+			return err
+		}
+		defer v.Close()
+		kms, closeKMS, err := openKMS(ctx, g)
+		if err != nil {
+			return fmt.Errorf("snapshot copy: %w", err)
+		}
+		defer closeKMS()
+		s, err := v.CopySnapshot(ctx, kms, fs.Arg(1), *key, *id)
+		if err != nil {
+			return err
+		}
+		defer s.Close()
+		g.Log.Info("snapshot copied", "snapshot", s.Head.VolumeID, "from", v.Head.VolumeID, "key", s.Head.KeyID)
+		fmt.Fprintln(stdout, s.Head.VolumeID)
+		return nil
+	}
+	return fmt.Errorf("snapshot: unknown subcommand %q", sub)
+}
+
+// parse parses flags and wants exactly n positional arguments.
+func parse(fs *flag.FlagSet, args []string, n int, names string) error {
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != n {
+		return fmt.Errorf("%s: want %s, got %d argument(s)", fs.Name(), names, fs.NArg())
+	}
+	return nil
+}
+
+// headerJSON is `hemd volume inspect --json`.
+type headerJSON struct {
+	VolumeID          string            `json:"volume_id"`
+	SizeBytes         uint64            `json:"size_bytes"`
+	BlockSize         uint32            `json:"block_size"`
+	DataUnitSize      uint32            `json:"data_unit_size"`
+	Cipher            string            `json:"cipher"`
+	DataOffset        uint64            `json:"data_offset"`
+	KeyID             string            `json:"key_id"`
+	EncryptionContext map[string]string `json:"encryption_context"`
+	WrappedDEK        string            `json:"wrapped_dek"`
+	ParentSnapshot    string            `json:"parent_snapshot"`
+	Created           time.Time         `json:"created"`
+}
+
+func printHeader(w io.Writer, h *volume.Header, asJSON bool) error {
+	j := headerJSON{
+		VolumeID: h.VolumeID, SizeBytes: h.SizeBytes, BlockSize: h.BlockSize, DataUnitSize: h.DataUnitSize,
+		Cipher: h.Cipher, DataOffset: h.DataOffset, KeyID: h.KeyID, EncryptionContext: h.EncryptionContext,
+		WrappedDEK: base64.StdEncoding.EncodeToString(h.WrappedDEK), ParentSnapshot: h.ParentSnapshot, Created: h.Created,
+	}
+	if asJSON {
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(j)
+	}
+	var ctx []string
+	for k, v := range h.EncryptionContext {
+		ctx = append(ctx, k+"="+v)
+	}
+	fmt.Fprintf(w, "volume id:          %s\nsize:               %d bytes\nblock size:         %d\ndata unit size:     %d\n"+
+		"cipher:             %s\ndata offset:        %d\nkey id:             %s\nencryption context: %s\n"+
+		"wrapped data key:   %d bytes\nparent snapshot:    %s\ncreated:            %s\n",
+		j.VolumeID, j.SizeBytes, j.BlockSize, j.DataUnitSize, j.Cipher, j.DataOffset, j.KeyID,
+		strings.Join(ctx, ","), len(h.WrappedDEK), orNone(j.ParentSnapshot), j.Created.Format(time.RFC3339))
+	return nil
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// progressBar draws a progress bar on a terminal and nothing elsewhere.
+type progressBar struct {
+	w     io.Writer
+	label string
+	on    bool
+	last  time.Time
+}
+
+func newProgressBar(w io.Writer, label string) *progressBar {
+	return &progressBar{w: w, label: label, on: isTerminal(w)}
+}
+
+func (p *progressBar) update(done, total int64) {
+	if !p.on || total <= 0 || (time.Since(p.last) < 100*time.Millisecond && done < total) {
+		return
+	}
+	p.last = time.Now()
+	const width = 40
+	n := int(done * width / total)
+	fmt.Fprintf(p.w, "\r%s [%s%s] %3d%% %d/%d MiB", p.label, strings.Repeat("#", n), strings.Repeat(" ", width-n),
+		done*100/total, done>>20, total>>20)
+}
+
+func (p *progressBar) done() {
+	if p.on {
+		fmt.Fprintln(p.w)
+	}
+}
