@@ -248,6 +248,13 @@ func (d *Device) Start(ctx context.Context, features uint64) error {
 
 // Stop implements vhost.Device: it detaches (zeroizes) the keys.
 func (d *Device) Stop() {
+	for i := range d.stats {
+		st := &d.stats[i]
+		if n := st.Reads.Load() + st.Writes.Load() + st.Flushes.Load(); n > 0 {
+			d.log.Info("queue stats", "queue", i, "reads", st.Reads.Load(), "writes", st.Writes.Load(),
+				"flushes", st.Flushes.Load(), "bad_requests", st.BadRequests.Load(), "io_errors", st.IOErrors.Load())
+		}
+	}
 	d.failed = nil
 	if d.xform != nil {
 		d.xform = nil
