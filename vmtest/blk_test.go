@@ -148,8 +148,7 @@ sleep 600
 				t.Fatalf("host reads %q at the flushed block", buf)
 			}
 			if b.Name() == "hemd" {
-				vm.cmd.Process.Kill()
-				<-vm.exited
+				vm.Kill()
 				srv.Stop(t)
 				flushed := false
 				for _, l := range srv.Log() {

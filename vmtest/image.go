@@ -89,11 +89,17 @@ func RequireQEMU(t testing.TB) {
 func BuildGuest(t testing.TB) *Guest {
 	t.Helper()
 	RequireQEMU(t)
-	guestOnce.Do(func() { guest, guestErr = buildGuest() })
-	if guestErr != nil {
-		t.Fatalf("vmtest: building the guest: %v", guestErr)
+	g, err := LoadGuest()
+	if err != nil {
+		t.Fatalf("vmtest: building the guest: %v", err)
 	}
-	return guest
+	return g
+}
+
+// LoadGuest is BuildGuest for programs: the cached guest, built on first use.
+func LoadGuest() (*Guest, error) {
+	guestOnce.Do(func() { guest, guestErr = buildGuest() })
+	return guest, guestErr
 }
 
 func run(dir, name string, args ...string) ([]byte, error) {

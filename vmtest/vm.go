@@ -2,6 +2,7 @@ package vmtest
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -11,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -55,27 +57,43 @@ func WithTimeout(d time.Duration) Option { return func(c *vmConfig) { c.timeout 
 
 // VM is a running QEMU.
 type VM struct {
-	t       testing.TB
-	cmd     *exec.Cmd
-	mu      sync.Mutex
-	lines   []string
-	changed chan struct{}
-	exited  chan struct{}
-	err     error
-	start   time.Time
+	t        testing.TB // nil when booted by a program (Boot)
+	logf     func(format string, args ...any)
+	cmd      *exec.Cmd
+	mu       sync.Mutex
+	lines    []string
+	changed  chan struct{}
+	exited   chan struct{}
+	err      error
+	start    time.Time
+	timer    *time.Timer
+	timedOut atomic.Bool
 }
 
 // Start boots the guest with the options, streaming its console into the
-// test log. QEMU is killed when the test ends.
+// test log. QEMU is killed when the test ends; a VM still running after its
+// timeout is killed and fails the test.
 func Start(t testing.TB, g *Guest, opts ...Option) *VM {
 	t.Helper()
+	vm, err := Boot(g, t.Logf, t.TempDir(), opts...)
+	if err != nil {
+		t.Fatalf("vmtest: %v", err)
+	}
+	vm.t = t
+	t.Cleanup(vm.Kill)
+	return vm
+}
+
+// Boot starts QEMU for programs (the demo): console lines go to logf; dir
+// holds the VM's initramfs. The caller kills the VM with Kill.
+func Boot(g *Guest, logf func(string, ...any), dir string, opts ...Option) (*VM, error) {
 	c := vmConfig{mem: 512, smp: 2, timeout: defaultTimeout()}
 	for _, o := range opts {
 		o(&c)
 	}
-	initrd := filepath.Join(t.TempDir(), "initrd.cpio")
+	initrd := filepath.Join(dir, "initrd.cpio")
 	if err := scenarioInitrd(g, c.script, initrd); err != nil {
-		t.Fatalf("vmtest: %v", err)
+		return nil, err
 	}
 	args := []string{
 		"-machine", "q35,accel=tcg", "-cpu", "max", "-m", strconv.Itoa(c.mem), "-smp", strconv.Itoa(c.smp),
@@ -93,28 +111,30 @@ func Start(t testing.TB, g *Guest, opts ...Option) *VM {
 			"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=c%d,num-queues=%d", i, d.Queues))
 	}
 	args = append(args, c.extraArg...)
-	t.Logf("vmtest: qemu-system-x86_64 %s", strings.Join(args, " "))
-	vm := &VM{t: t, changed: make(chan struct{}, 1), exited: make(chan struct{}), start: time.Now()}
+	logf("vmtest: qemu-system-x86_64 %s", strings.Join(args, " "))
+	vm := &VM{logf: logf, changed: make(chan struct{}, 1), exited: make(chan struct{}), start: time.Now()}
 	vm.cmd = exec.Command("qemu-system-x86_64", args...)
 	out, err := vm.cmd.StdoutPipe()
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	vm.cmd.Stderr = vm.cmd.Stdout
 	if err := vm.cmd.Start(); err != nil {
-		t.Fatalf("vmtest: starting QEMU: %v", err)
+		return nil, fmt.Errorf("starting QEMU: %w", err)
 	}
 	go vm.read(out)
-	timer := time.AfterFunc(c.timeout, func() {
-		t.Errorf("vmtest: VM still running after %v: killed", c.timeout)
+	vm.timer = time.AfterFunc(c.timeout, func() {
+		vm.timedOut.Store(true)
 		vm.cmd.Process.Kill()
 	})
-	t.Cleanup(func() {
-		timer.Stop()
-		vm.cmd.Process.Kill()
-		<-vm.exited
-	})
-	return vm
+	return vm, nil
+}
+
+// Kill stops QEMU and waits for it.
+func (vm *VM) Kill() {
+	vm.timer.Stop()
+	vm.cmd.Process.Kill()
+	<-vm.exited
 }
 
 func defaultTimeout() time.Duration {
@@ -131,7 +151,7 @@ func (vm *VM) read(r io.Reader) {
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
 		line := strings.TrimRight(ansi.ReplaceAllString(sc.Text(), ""), "\r")
-		vm.t.Logf("console %6.1fs: %s", time.Since(vm.start).Seconds(), line)
+		vm.logf("console %6.1fs: %s", time.Since(vm.start).Seconds(), line)
 		vm.mu.Lock()
 		vm.lines = append(vm.lines, line)
 		vm.mu.Unlock()
@@ -145,10 +165,19 @@ func (vm *VM) read(r io.Reader) {
 }
 
 // Expect waits until a console line from line index from on matches re, and
-// returns the submatches and the index after that line. A fail marker or a
-// kernel panic fails the test at once.
+// returns the submatches and the index after that line. A fail marker, a
+// kernel panic or the end of the scenario fails the test at once.
 func (vm *VM) Expect(from int, re string, timeout time.Duration) ([]string, int) {
 	vm.t.Helper()
+	m, next, err := vm.ExpectErr(from, re, timeout)
+	if err != nil {
+		vm.t.Fatalf("vmtest: %v", err)
+	}
+	return m, next
+}
+
+// ExpectErr is Expect for programs: it returns what Expect fails on.
+func (vm *VM) ExpectErr(from int, re string, timeout time.Duration) ([]string, int, error) {
 	rx := regexp.MustCompile(re)
 	deadline := time.After(timeout)
 	for {
@@ -157,13 +186,13 @@ func (vm *VM) Expect(from int, re string, timeout time.Duration) ([]string, int)
 		vm.mu.Unlock()
 		for i := from; i < len(lines); i++ {
 			if m := rx.FindStringSubmatch(lines[i]); m != nil {
-				return m, i + 1
+				return m, i + 1, nil
 			}
 			if strings.Contains(lines[i], "HEMD-RESULT fail") || strings.Contains(lines[i], "Kernel panic") {
-				vm.t.Fatalf("vmtest: guest failed: %s", lines[i])
+				return nil, i + 1, fmt.Errorf("guest failed: %s", lines[i])
 			}
 			if strings.HasPrefix(lines[i], "HEMD-END") {
-				vm.t.Fatalf("vmtest: the scenario ended before %q appeared", re)
+				return nil, i + 1, fmt.Errorf("the scenario ended before %q appeared", re)
 			}
 		}
 		from = len(lines)
@@ -176,9 +205,12 @@ func (vm *VM) Expect(from int, re string, timeout time.Duration) ([]string, int)
 			if n > from {
 				continue
 			}
-			vm.t.Fatalf("vmtest: QEMU exited (%v) before %q appeared", vm.err, re)
+			if vm.timedOut.Load() {
+				return nil, from, fmt.Errorf("VM killed after its timeout before %q appeared", re)
+			}
+			return nil, from, fmt.Errorf("QEMU exited (%v) before %q appeared", vm.err, re)
 		case <-deadline:
-			vm.t.Fatalf("vmtest: %q did not appear within %v", re, timeout)
+			return nil, from, fmt.Errorf("%q did not appear within %v", re, timeout)
 		}
 	}
 }
@@ -186,13 +218,24 @@ func (vm *VM) Expect(from int, re string, timeout time.Duration) ([]string, int)
 // Wait waits for QEMU to exit and fails the test if it did not exit cleanly.
 func (vm *VM) Wait(timeout time.Duration) {
 	vm.t.Helper()
+	if err := vm.WaitErr(timeout); err != nil {
+		vm.t.Fatalf("vmtest: %v", err)
+	}
+}
+
+// WaitErr is Wait for programs.
+func (vm *VM) WaitErr(timeout time.Duration) error {
 	select {
 	case <-vm.exited:
-		if vm.err != nil {
-			vm.t.Fatalf("vmtest: QEMU: %v", vm.err)
+		if vm.timedOut.Load() {
+			return errors.New("VM killed after its timeout")
 		}
+		if vm.err != nil {
+			return fmt.Errorf("QEMU: %w", vm.err)
+		}
+		return nil
 	case <-time.After(timeout):
-		vm.t.Fatalf("vmtest: QEMU did not exit within %v", timeout)
+		return fmt.Errorf("QEMU did not exit within %v", timeout)
 	}
 }
 
