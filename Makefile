@@ -11,7 +11,7 @@ APT_PKGS  := qemu-system-x86 qemu-utils busybox-static cpio softhsm2 opensc \
              python3-cryptography libssl-dev openssl
 FUZZTIME  ?= 60s
 
-.PHONY: all build deps test test-unit test-vm fuzz demo bench-xts vet clean
+.PHONY: all build deps test test-unit test-vm fuzz demo bench bench-xts vet clean
 
 all: build
 
@@ -57,6 +57,11 @@ fuzz:
 
 bench-xts:
 	bash hem/bench-xts.sh
+
+# bench: hemd encrypted and raw against qemu-storage-daemon raw and LUKS,
+# one run, same file size (SIZE=1G RUNTIME=5s by default).
+bench: deps build
+	bash vhost/loadgen/bench-matrix.sh
 
 demo: deps build
 	$(GO) run ./vmtest/cmd/demo --hemd $(HEMD)

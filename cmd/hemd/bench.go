@@ -46,6 +46,7 @@ func benchCommand(ctx context.Context, g globalFlags, args []string, stdout, std
 	fs.StringVar(&cfg.RW, "rw", "randread", "randread, randwrite, read, write or randrw")
 	fs.IntVar(&cfg.RWMixRead, "rwmixread", 50, "percent reads with --rw randrw")
 	runtime := fs.Duration("runtime", 10*time.Second, "how long to run")
+	fs.BoolVar(&cfg.Once, "once", false, "end a sequential read/write after one pass over the disk (or --size)")
 	fs.BoolVar(&cfg.Verify, "verify", false, "write a pattern, check every block read, read back all written blocks at the end")
 	size := fs.String("size", "", "use only the first SIZE bytes of the disk")
 	pid := fs.Int("pid", 0, "back-end pid: report its CPU seconds per million I/Os")

@@ -30,6 +30,9 @@ type Config struct {
 	Runtime   time.Duration // --runtime
 	Verify    bool          // --verify
 	Size      int64         // bytes of the disk to use (0: all of it)
+	// Once ends a sequential workload after one pass over the disk instead
+	// of at Runtime (fio without time_based).
+	Once bool
 	Seed      uint64
 	// Progress, if set, is called about once a second with the I/Os so far.
 	Progress func(ios uint64, elapsed time.Duration)
@@ -163,6 +166,7 @@ type queueRun struct {
 	rng      *rand.Rand
 	next     int64 // next block for sequential work
 	lat      []time.Duration
+	passDone bool // a sequential pass with Once has covered the queue's blocks
 	ios      atomic.Uint64
 	reads    uint64
 	writes   uint64
@@ -202,6 +206,7 @@ func (r *run) pick(qr *queueRun, qi int) (int64, bool) {
 			qr.next += nq
 			if qr.next >= r.blocks {
 				qr.next = int64(qi)
+				qr.passDone = r.cfg.Once
 			}
 		default:
 			b = qr.rng.Int64N(per)*nq + int64(qi)
@@ -380,16 +385,20 @@ func (r *run) measure(ctx context.Context) (*Result, error) {
 // loop keeps Depth requests in flight on one queue until the deadline, then
 // waits for the last ones.
 func (r *run) loop(ctx context.Context, qr *queueRun, qi int, deadline time.Time) error {
+	inflight := 0
 	for si := range qr.slots {
+		if qr.passDone {
+			break
+		}
 		b, w := r.pick(qr, qi)
 		if err := r.submit(qr, si, b, w); err != nil {
 			return err
 		}
+		inflight++
 	}
 	if err := qr.q.Kick(); err != nil {
 		return err
 	}
-	inflight := len(qr.slots)
 	var used []frontend.Used
 	var freed []int
 	last := time.Now()
@@ -412,7 +421,7 @@ func (r *run) loop(ctx context.Context, qr *queueRun, qi int, deadline time.Time
 			now = time.Now()
 		}
 		last = now
-		more := now.Before(deadline)
+		more := now.Before(deadline) && !qr.passDone
 		// Poll already freed the descriptors of every completion: map them
 		// all to their slots before any new request reuses a head.
 		freed = freed[:0]
