@@ -33,7 +33,7 @@ type Config struct {
 	// Once ends a sequential workload after one pass over the disk instead
 	// of at Runtime (fio without time_based).
 	Once bool
-	Seed      uint64
+	Seed uint64
 	// Progress, if set, is called about once a second with the I/Os so far.
 	Progress func(ios uint64, elapsed time.Duration)
 }
