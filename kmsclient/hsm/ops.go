@@ -1,0 +1,425 @@
+package hsm
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/miekg/pkcs11"
+)
+
+// DataKeySize is the data key hemd asks for: an AES-256-XTS key (64 bytes).
+const DataKeySize = 64
+
+type metaFile struct {
+	Keys    map[string]*KeyMetadata `json:"keys"`
+	Aliases map[string]string       `json:"aliases"`
+}
+
+// loadMeta reads the key metadata (states, aliases) kept beside the token.
+// Key material is only in the HSM; this file holds none.
+func (k *KMS) loadMeta() error {
+	b, err := os.ReadFile(filepath.Join(k.stateDir, "keys.json"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("kms: %w", err)
+	}
+	var m metaFile
+	if err := json.Unmarshal(b, &m); err != nil {
+		return fmt.Errorf("kms: keys.json is corrupt: %w", err)
+	}
+	if m.Keys != nil {
+		k.meta = m.Keys
+	}
+	if m.Aliases != nil {
+		k.aliases = m.Aliases
+	}
+	return nil
+}
+
+// saveMeta writes the metadata atomically. Call with k.mu held.
+func (k *KMS) saveMeta() error {
+	b, err := json.MarshalIndent(metaFile{Keys: k.meta, Aliases: k.aliases}, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(k.stateDir, "keys.json.tmp")
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(b); err == nil {
+		err = f.Sync()
+	}
+	f.Close()
+	if err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(k.stateDir, "keys.json"))
+}
+
+var uuidRe = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
+
+func newUUID() string {
+	var b [16]byte
+	rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	h := hex.EncodeToString(b[:])
+	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
+}
+
+func uuidBytes(id string) [16]byte {
+	var b [16]byte
+	hex.Decode(b[:], []byte(strings.ReplaceAll(id, "-", "")))
+	return b
+}
+
+func uuidString(b [16]byte) string {
+	h := hex.EncodeToString(b[:])
+	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
+}
+
+func (k *KMS) arn(id string) string {
+	return fmt.Sprintf("arn:aws:kms:%s:%s:key/%s", k.cfg.Region, k.cfg.Account, id)
+}
+
+// resolve finds a key by id, key ARN, alias name or alias ARN. Call with
+// k.mu held.
+func (k *KMS) resolve(ref string) (*KeyMetadata, error) {
+	id := ref
+	if i := strings.Index(ref, ":alias/"); strings.HasPrefix(ref, "arn:") && i > 0 {
+		id = ref[i+1:]
+	} else if i := strings.Index(ref, ":key/"); strings.HasPrefix(ref, "arn:") && i > 0 {
+		id = ref[i+5:]
+	}
+	if strings.HasPrefix(id, "alias/") {
+		target, ok := k.aliases[id]
+		if !ok {
+			return nil, kmsErr(ErrNotFound, "alias %s is not found", id)
+		}
+		id = target
+	}
+	if !uuidRe.MatchString(id) {
+		return nil, kmsErr(ErrNotFound, "invalid keyId %s", ref)
+	}
+	m, ok := k.meta[id]
+	if !ok {
+		return nil, kmsErr(ErrNotFound, "key %s does not exist", k.arn(id))
+	}
+	return m, nil
+}
+
+func (k *KMS) aliasesOf(id string) []string {
+	var out []string
+	for a, t := range k.aliases {
+		if t == id {
+			out = append(out, a)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func (k *KMS) describe(m *KeyMetadata) KeyMetadata {
+	c := *m
+	c.Enabled = m.KeyState == Enabled
+	c.Aliases = k.aliasesOf(m.KeyID)
+	return c
+}
+
+// usable checks a key's state for a cryptographic operation.
+func usable(m *KeyMetadata) error {
+	switch m.KeyState {
+	case Enabled:
+		return nil
+	case Disabled:
+		return kmsErr(ErrDisabled, "%s is disabled", m.Arn)
+	default:
+		return kmsErr(ErrInvalidState, "%s is pending deletion", m.Arn)
+	}
+}
+
+// CreateKey creates a CMK: a new AES-256 key inside the HSM.
+func (k *KMS) CreateKey(ctx context.Context, description string) (KeyMetadata, error) {
+	id := newUUID()
+	m := &KeyMetadata{KeyID: id, Arn: k.arn(id), KeyState: Enabled, Description: description,
+		CreationDate: time.Now().UTC().Truncate(time.Second), KeyUsage: "ENCRYPT_DECRYPT",
+		KeySpec: "SYMMETRIC_DEFAULT", Origin: "AWS_KMS", Versions: 1}
+	err := k.generateBackingKey(ctx, id, 1)
+	if err == nil {
+		k.mu.Lock()
+		k.meta[id] = m
+		err = k.saveMeta()
+		k.mu.Unlock()
+	}
+	k.record("CreateKey", m.Arn, nil, err)
+	if err != nil {
+		return KeyMetadata{}, fmt.Errorf("create key: %w", err)
+	}
+	return k.describe(m), nil
+}
+
+// DescribeKey returns a key's metadata.
+func (k *KMS) DescribeKey(ctx context.Context, ref string) (KeyMetadata, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	m, err := k.resolve(ref)
+	if err != nil {
+		return KeyMetadata{}, err
+	}
+	return k.describe(m), nil
+}
+
+// ListKeys returns every key's metadata, oldest first.
+func (k *KMS) ListKeys(ctx context.Context) []KeyMetadata {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	var out []KeyMetadata
+	for _, m := range k.meta {
+		out = append(out, k.describe(m))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].CreationDate.Before(out[j].CreationDate) })
+	return out
+}
+
+// CreateAlias points alias/NAME at a key.
+func (k *KMS) CreateAlias(ctx context.Context, alias, ref string) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if !regexp.MustCompile(`^alias/[a-zA-Z0-9/_-]+$`).MatchString(alias) || strings.HasPrefix(alias, "alias/aws/") {
+		return kmsErr(ErrValidation, "alias name %q is not valid", alias)
+	}
+	if _, ok := k.aliases[alias]; ok {
+		return kmsErr(ErrAlreadyExists, "alias %s already exists", alias)
+	}
+	m, err := k.resolve(ref)
+	if err != nil {
+		return err
+	}
+	k.aliases[alias] = m.KeyID
+	return k.saveMeta()
+}
+
+// setState moves a key between states as EnableKey, DisableKey and
+// CancelKeyDeletion do.
+func (k *KMS) setState(op, ref, state string) error {
+	k.mu.Lock()
+	m, err := k.resolve(ref)
+	if err == nil {
+		switch {
+		case op == "CancelKeyDeletion" && m.KeyState != PendingDeletion:
+			err = kmsErr(ErrInvalidState, "%s is not pending deletion", m.Arn)
+		case op != "CancelKeyDeletion" && m.KeyState == PendingDeletion:
+			err = kmsErr(ErrInvalidState, "%s is pending deletion", m.Arn)
+		default:
+			m.KeyState = state
+			err = k.saveMeta()
+		}
+	}
+	arn := ""
+	if m != nil {
+		arn = m.Arn
+	}
+	k.mu.Unlock()
+	k.record(op, arn, nil, err)
+	return err
+}
+
+// EnableKey enables a key.
+func (k *KMS) EnableKey(ctx context.Context, ref string) error {
+	return k.setState("EnableKey", ref, Enabled)
+}
+
+// DisableKey disables a key: it can no longer wrap or unwrap.
+func (k *KMS) DisableKey(ctx context.Context, ref string) error {
+	return k.setState("DisableKey", ref, Disabled)
+}
+
+// ScheduleKeyDeletion puts a key in PendingDeletion (7 to 30 days).
+func (k *KMS) ScheduleKeyDeletion(ctx context.Context, ref string, days int) error {
+	if days < 7 || days > 30 {
+		return kmsErr(ErrValidation, "PendingWindowInDays %d is not in 7..30", days)
+	}
+	return k.setState("ScheduleKeyDeletion", ref, PendingDeletion)
+}
+
+// CancelKeyDeletion brings a key pending deletion back, Disabled.
+func (k *KMS) CancelKeyDeletion(ctx context.Context, ref string) error {
+	return k.setState("CancelKeyDeletion", ref, Disabled)
+}
+
+// RotateKey adds a new backing-key version; new blobs use it, old blobs keep
+// decrypting with theirs.
+func (k *KMS) RotateKey(ctx context.Context, ref string) error {
+	k.mu.Lock()
+	m, err := k.resolve(ref)
+	if err == nil {
+		err = usable(m)
+	}
+	var id string
+	var next uint32
+	if err == nil {
+		id, next = m.KeyID, m.Versions+1
+	}
+	k.mu.Unlock()
+	if err == nil {
+		err = k.generateBackingKey(ctx, id, next)
+	}
+	if err == nil {
+		k.mu.Lock()
+		m.Versions = next
+		err = k.saveMeta()
+		k.mu.Unlock()
+	}
+	k.record("RotateKeyOnDemand", arnOf(m), nil, err)
+	return err
+}
+
+func arnOf(m *KeyMetadata) string {
+	if m == nil {
+		return ""
+	}
+	return m.Arn
+}
+
+// GenerateDataKeyWithoutPlaintext makes a 64-byte data key from the HSM's
+// random generator and returns it only wrapped, under the key's current
+// version with ectx bound as AAD, and the key's ARN.
+func (k *KMS) GenerateDataKeyWithoutPlaintext(ctx context.Context, ref string, ectx map[string]string) ([]byte, string, error) {
+	blob, arn, err := k.generate(ctx, ref, ectx)
+	k.record("GenerateDataKeyWithoutPlaintext", arn, ectx, err)
+	return blob, arn, err
+}
+
+func (k *KMS) generate(ctx context.Context, ref string, ectx map[string]string) ([]byte, string, error) {
+	if err := validateContext(ectx); err != nil {
+		return nil, "", err
+	}
+	k.mu.Lock()
+	m, err := k.resolve(ref)
+	if err == nil {
+		err = usable(m)
+	}
+	var id string
+	var version uint32
+	if err == nil {
+		id, version = m.KeyID, m.Versions
+	}
+	k.mu.Unlock()
+	if err != nil {
+		return nil, arnOf(m), err
+	}
+	var out []byte
+	err = k.withSession(ctx, func(sh pkcs11.SessionHandle) error {
+		dek, err := k.p.GenerateRandom(sh, DataKeySize)
+		if err != nil {
+			return err
+		}
+		defer clear(dek)
+		iv, err := k.p.GenerateRandom(sh, ivLen)
+		if err != nil {
+			return err
+		}
+		obj, err := k.findKey(sh, id, version)
+		if err != nil {
+			return err
+		}
+		hdr := headerOf(uuidBytes(id), version, iv)
+		params := pkcs11.NewGCMParams(iv, aad(hdr, ectx), tagLen*8)
+		defer params.Free()
+		if err := k.p.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, obj); err != nil {
+			return err
+		}
+		ct, err := k.p.Encrypt(sh, dek)
+		if err != nil {
+			return err
+		}
+		out = append(hdr, ct...)
+		return nil
+	})
+	if err != nil {
+		var ke *Error
+		if !errors.As(err, &ke) {
+			err = kmsErr(ErrInternal, "HSM: %v", err)
+		}
+		return nil, m.Arn, err
+	}
+	return out, m.Arn, nil
+}
+
+// Decrypt unwraps a blob made by GenerateDataKeyWithoutPlaintext inside the
+// HSM, with the same encryption context, into dst, and returns the ARN of
+// the key that wrapped it. dst must have room for the plaintext.
+func (k *KMS) Decrypt(ctx context.Context, blobBytes []byte, ectx map[string]string, dst []byte) (string, error) {
+	arn, err := k.decrypt(ctx, blobBytes, ectx, dst)
+	k.record("Decrypt", arn, ectx, err)
+	return arn, err
+}
+
+func (k *KMS) decrypt(ctx context.Context, blobBytes []byte, ectx map[string]string, dst []byte) (string, error) {
+	b, err := decodeBlob(blobBytes)
+	if err != nil {
+		return "", err
+	}
+	id := uuidString(b.keyID)
+	k.mu.Lock()
+	m, err := k.resolve(id)
+	if err == nil {
+		err = usable(m)
+		if err == nil && (b.version == 0 || b.version > m.Versions) {
+			err = kmsErr(ErrInvalidCiphertext, "ciphertext names backing key version %d of %s", b.version, m.Arn)
+		}
+	}
+	k.mu.Unlock()
+	if err != nil {
+		return arnOf(m), err
+	}
+	err = k.withSession(ctx, func(sh pkcs11.SessionHandle) error {
+		obj, err := k.findKey(sh, id, b.version)
+		if err != nil {
+			return err
+		}
+		params := pkcs11.NewGCMParams(b.iv, aad(b.header, ectx), tagLen*8)
+		defer params.Free()
+		if err := k.p.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, obj); err != nil {
+			return err
+		}
+		pt, err := k.p.Decrypt(sh, b.ct)
+		if err != nil {
+			return err
+		}
+		defer clear(pt)
+		if len(pt) > len(dst) {
+			return kmsErr(ErrValidation, "plaintext of %d bytes does not fit %d", len(pt), len(dst))
+		}
+		copy(dst, pt)
+		return nil
+	})
+	if err != nil {
+		var ke *Error
+		if errors.As(err, &ke) {
+			return m.Arn, err
+		}
+		var pe pkcs11.Error
+		// SoftHSM2 reports a GCM tag mismatch as CKR_GENERAL_ERROR: the blob
+		// or its context is wrong, the HSM is fine.
+		if errors.As(err, &pe) && (pe == pkcs11.CKR_GENERAL_ERROR || pe == pkcs11.CKR_ENCRYPTED_DATA_INVALID ||
+			pe == pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE) {
+			return m.Arn, kmsErr(ErrInvalidCiphertext, "the ciphertext or its encryption context does not match")
+		}
+		return m.Arn, kmsErr(ErrInternal, "HSM: %v", err)
+	}
+	return m.Arn, nil
+}
