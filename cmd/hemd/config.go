@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 
 	"github.com/BurntSushi/toml"
+	"github.com/hemd/hemd/kmsclient/hsm"
 	"github.com/hemd/hemd/vhost/blk"
 )
 
@@ -14,6 +15,8 @@ import (
 type fileConfig struct {
 	// StateDir overrides the state directory.
 	StateDir string `toml:"state_dir"`
+	// KMS configures the key management service.
+	KMS hsm.Config `toml:"kms"`
 	// Volumes are served each on its own socket.
 	Volumes []volumeConfig `toml:"volume"`
 }

@@ -13,6 +13,8 @@ import (
 	"os/signal"
 	"path/filepath"
 	"syscall"
+
+	"github.com/hemd/hemd/kmsclient/hsm"
 )
 
 // globalFlags are the settings every subcommand shares.
@@ -21,6 +23,8 @@ type globalFlags struct {
 	StateDir string
 	// Log is the process logger.
 	Log *slog.Logger
+	// KMS configures the key management service ([kms] in the config file).
+	KMS hsm.Config
 }
 
 const usage = `usage: hemd [--state-dir DIR] COMMAND [ARGS]
@@ -77,7 +81,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "serve":
 		return serveCommand(ctx, g, rest, stdout, stderr)
 	case "key":
-		return keyCommand(ctx, g, rest, stdout, stderr)
+		return keysCommand(ctx, g, rest, stdout, stderr)
 	case "kms":
 		return kmsCommand(ctx, g, rest, stdout, stderr)
 	case "volume":

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"sync"
 
 	"github.com/hemd/hemd/hem/volume"
@@ -51,6 +52,10 @@ func serveCommand(ctx context.Context, g globalFlags, args []string, stdout, std
 			return err
 		}
 		vols = c.Volumes
+		g.KMS = c.KMS
+		if c.StateDir != "" && os.Getenv("HEMD_STATE_DIR") == "" {
+			g.StateDir = c.StateDir
+		}
 	default:
 		if v.Socket == "" || v.Path == "" {
 			fs.Usage()

@@ -49,7 +49,7 @@ func volumeCommand(ctx context.Context, g globalFlags, args []string, stdout, st
 		defer closeKMS()
 		keyID := *key
 		if keyID == "" && *snap == "" {
-			if keyID, err = defaultKey(ctx, g); err != nil {
+			if keyID, err = defaultKey(ctx, g, kms); err != nil {
 				return fmt.Errorf("volume create: %w", err)
 			}
 		}

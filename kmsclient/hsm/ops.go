@@ -212,6 +212,25 @@ func (k *KMS) CreateAlias(ctx context.Context, alias, ref string) error {
 	return k.saveMeta()
 }
 
+// CreateReservedAlias creates an alias in the reserved alias/aws/ space, as
+// AWS does for its managed default keys (alias/aws/ebs).
+func (k *KMS) CreateReservedAlias(ctx context.Context, alias, ref string) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if !strings.HasPrefix(alias, "alias/aws/") {
+		return kmsErr(ErrValidation, "%s is not a reserved alias", alias)
+	}
+	if _, ok := k.aliases[alias]; ok {
+		return kmsErr(ErrAlreadyExists, "alias %s already exists", alias)
+	}
+	m, err := k.resolve(ref)
+	if err != nil {
+		return err
+	}
+	k.aliases[alias] = m.KeyID
+	return k.saveMeta()
+}
+
 // setState moves a key between states as EnableKey, DisableKey and
 // CancelKeyDeletion do.
 func (k *KMS) setState(op, ref, state string) error {
