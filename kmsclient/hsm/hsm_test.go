@@ -305,3 +305,22 @@ func FuzzContextEncoding(f *testing.F) {
 		}
 	})
 }
+
+// A key disabled by another process (hemd key disable) is seen at once.
+func TestStateChangedElsewhere(t *testing.T) {
+	k, dir := open(t)
+	ctx := context.Background()
+	m, _ := k.CreateKey(ctx, "")
+	blob, _, _ := k.GenerateDataKeyWithoutPlaintext(ctx, m.KeyID, vol)
+	other, err := Open(Config{}, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := other.DisableKey(ctx, m.KeyID); err != nil {
+		t.Fatal(err)
+	}
+	other.Close()
+	if _, err := k.Decrypt(ctx, blob, vol, make([]byte, 64)); !errors.Is(err, ErrDisabled) {
+		t.Fatalf("Decrypt after another process disabled the key: %v", err)
+	}
+}

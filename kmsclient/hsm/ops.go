@@ -25,10 +25,28 @@ type metaFile struct {
 	Aliases map[string]string       `json:"aliases"`
 }
 
+// refresh reloads the metadata when another process (hemd key ...) changed
+// it, so that a running hemd serve sees a key disabled meanwhile. Call with
+// k.mu held.
+func (k *KMS) refresh() error {
+	st, err := os.Stat(filepath.Join(k.stateDir, "keys.json"))
+	if err != nil {
+		return nil
+	}
+	if st.ModTime().Equal(k.metaTime) && st.Size() == k.metaSize {
+		return nil
+	}
+	return k.loadMeta()
+}
+
 // loadMeta reads the key metadata (states, aliases) kept beside the token.
 // Key material is only in the HSM; this file holds none.
 func (k *KMS) loadMeta() error {
-	b, err := os.ReadFile(filepath.Join(k.stateDir, "keys.json"))
+	path := filepath.Join(k.stateDir, "keys.json")
+	if st, err := os.Stat(path); err == nil {
+		k.metaTime, k.metaSize = st.ModTime(), st.Size()
+	}
+	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
@@ -39,6 +57,7 @@ func (k *KMS) loadMeta() error {
 	if err := json.Unmarshal(b, &m); err != nil {
 		return fmt.Errorf("kms: keys.json is corrupt: %w", err)
 	}
+	k.meta, k.aliases = map[string]*KeyMetadata{}, map[string]string{}
 	if m.Keys != nil {
 		k.meta = m.Keys
 	}
@@ -66,7 +85,13 @@ func (k *KMS) saveMeta() error {
 	if err != nil {
 		return err
 	}
-	return os.Rename(tmp, filepath.Join(k.stateDir, "keys.json"))
+	if err := os.Rename(tmp, filepath.Join(k.stateDir, "keys.json")); err != nil {
+		return err
+	}
+	if st, err := os.Stat(filepath.Join(k.stateDir, "keys.json")); err == nil {
+		k.metaTime, k.metaSize = st.ModTime(), st.Size()
+	}
+	return nil
 }
 
 var uuidRe = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
@@ -98,6 +123,9 @@ func (k *KMS) arn(id string) string {
 // resolve finds a key by id, key ARN, alias name or alias ARN. Call with
 // k.mu held.
 func (k *KMS) resolve(ref string) (*KeyMetadata, error) {
+	if err := k.refresh(); err != nil {
+		return nil, kmsErr(ErrInternal, "key metadata: %v", err)
+	}
 	id := ref
 	if i := strings.Index(ref, ":alias/"); strings.HasPrefix(ref, "arn:") && i > 0 {
 		id = ref[i+1:]
@@ -186,6 +214,7 @@ func (k *KMS) DescribeKey(ctx context.Context, ref string) (KeyMetadata, error) 
 func (k *KMS) ListKeys(ctx context.Context) []KeyMetadata {
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	k.refresh()
 	var out []KeyMetadata
 	for _, m := range k.meta {
 		out = append(out, k.describe(m))
