@@ -53,10 +53,11 @@ func (s *Served) Stop(t testing.TB) {
 
 // start runs a back-end command, streams its output into the test log and
 // waits for its socket.
-func start(t testing.TB, name, socket string, bin string, args ...string) *Served {
+func start(t testing.TB, name, socket string, env []string, bin string, args ...string) *Served {
 	t.Helper()
 	s := &Served{Socket: socket, done: make(chan struct{})}
 	s.cmd = exec.Command(bin, args...)
+	s.cmd.Env = append(os.Environ(), env...)
 	out, err := s.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -108,7 +109,7 @@ func (QSD) Serve(t testing.TB, image string, queues int) *Served {
 		t.Fatalf("vmtest: qemu-storage-daemon not installed (make test installs qemu-system-x86): %v", err)
 	}
 	sock := filepath.Join(t.TempDir(), "qsd.sock")
-	return start(t, "qsd", sock, bin,
+	return start(t, "qsd", sock, nil, bin,
 		"--blockdev", "driver=file,node-name=f0,filename="+image,
 		"--export", fmt.Sprintf("type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=%s,writable=on,num-queues=%d", sock, queues))
 }
@@ -117,6 +118,7 @@ func (QSD) Serve(t testing.TB, image string, queues int) *Served {
 type Hemd struct {
 	Bin  string
 	Args []string // extra flags for hemd serve
+	Env  []string // extra environment (HEMD_STATE_DIR=...)
 }
 
 func (Hemd) Name() string { return "hemd" }
@@ -125,7 +127,7 @@ func (h Hemd) Serve(t testing.TB, image string, queues int) *Served {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "hemd.sock")
 	args := append([]string{"serve", "--socket", sock, "--volume", image, "--queues", fmt.Sprint(queues)}, h.Args...)
-	return start(t, "hemd", sock, h.Bin, args...)
+	return start(t, "hemd", sock, h.Env, h.Bin, args...)
 }
 
 // BuildHemd builds hemd from the repository into dir.
