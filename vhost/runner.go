@@ -32,7 +32,9 @@ func startRunner(idx int, q *virtq.Queue, h Handler, kick, call int, log *slog.L
 	r := &runner{stop: efd, done: make(chan struct{})}
 	go func() {
 		defer close(r.done)
-		if err := r.loop(q, h, kick, call); err != nil {
+		var err error
+		shielded(func() { err = r.loop(q, h, kick, call) })
+		if err != nil {
 			log.Error("queue stopped: ring corrupt", "queue", idx, "err", err)
 			fatal(fmt.Errorf("queue %d: %w", idx, err))
 		}

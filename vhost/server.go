@@ -520,7 +520,9 @@ func (s *session) maybeStart(i int) error {
 		r.q = q
 	}
 	if !s.started {
-		if err := s.dev.Start(s.ctx, s.features); err != nil {
+		var err error
+		shielded(func() { err = s.dev.Start(s.ctx, s.features) })
+		if err != nil {
 			// Fail closed: the ring stays stopped and the guest gets no I/O.
 			s.log.Error("device start failed; rings stay stopped", "queue", i, "err", err)
 			return nil

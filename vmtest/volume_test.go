@@ -26,7 +26,9 @@ func cli(t *testing.T, state string, args ...string) string {
 
 func cliErr(state string, args ...string) (string, error) {
 	cmd := exec.Command(hemdBin, args...)
-	cmd.Env = append(os.Environ(), "HEMD_STATE_DIR="+state)
+	// SOFTHSM2_CONF= lets hemd point SoftHSM2 at the state dir's token
+	// (a test that opened the KMS in-process set it for itself).
+	cmd.Env = append(os.Environ(), "HEMD_STATE_DIR="+state, "SOFTHSM2_CONF=")
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
@@ -95,7 +97,7 @@ func TestEncryptedVolume(t *testing.T) {
 	cli(t, state, "key", "create", "--alias", "alias/vmtest")
 	vol := filepath.Join(dir, "vol.img")
 	volID := strings.TrimSpace(cli(t, state, "volume", "create", "--size", "64M", "--key", "alias/vmtest", vol))
-	h := Hemd{Bin: hemdBin, Env: []string{"HEMD_STATE_DIR=" + state}}
+	h := Hemd{Bin: hemdBin, Env: []string{"HEMD_STATE_DIR=" + state, "SOFTHSM2_CONF="}}
 
 	// First VM: write, reboot, read.
 	srv := h.Serve(t, vol, 2)

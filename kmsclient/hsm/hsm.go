@@ -73,6 +73,7 @@ type KMS struct {
 	metaSize int64
 	audit    *auditLog
 	caller   string
+	dec      *lockedDecrypt
 }
 
 const poolSize = 4
@@ -123,6 +124,10 @@ func Open(cfg Config, stateDir string) (*KMS, error) {
 	}
 	if err := k.openSessions(); err != nil {
 		k.p.Finalize()
+		return nil, err
+	}
+	if k.dec, err = newLockedDecrypt(cfg.Module); err != nil {
+		k.Close()
 		return nil, err
 	}
 	if err := k.loadMeta(); err != nil {
@@ -294,6 +299,7 @@ func (k *KMS) Close() error {
 		return nil
 	}
 	k.p.CloseAllSessions(k.slot)
+	k.dec.close()
 	k.p.Finalize()
 	k.p.Destroy()
 	k.p = nil

@@ -324,3 +324,11 @@ func TestStateChangedElsewhere(t *testing.T) {
 		t.Fatalf("Decrypt after another process disabled the key: %v", err)
 	}
 }
+
+// The C_Decrypt taken from the function list is the module's C_Decrypt.
+func TestFunctionListDecrypt(t *testing.T) {
+	k, _ := open(t)
+	if sym := symbolDecrypt(DefaultModule); sym != nil && sym != k.dec.fn {
+		t.Fatal("function list entry 34 is not C_Decrypt")
+	}
+}

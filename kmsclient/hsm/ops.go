@@ -444,16 +444,8 @@ func (k *KMS) decrypt(ctx context.Context, blobBytes []byte, ectx map[string]str
 		if err := k.p.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, obj); err != nil {
 			return err
 		}
-		pt, err := k.p.Decrypt(sh, b.ct)
-		if err != nil {
-			return err
-		}
-		defer clear(pt)
-		if len(pt) > len(dst) {
-			return kmsErr(ErrValidation, "plaintext of %d bytes does not fit %d", len(pt), len(dst))
-		}
-		copy(dst, pt)
-		return nil
+		_, err = k.dec.decrypt(sh, b.ct, dst)
+		return err
 	})
 	if err != nil {
 		var ke *Error
