@@ -7,6 +7,7 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"runtime"
@@ -30,6 +31,16 @@ func main() {
 			os.Exit(1)
 		}
 		fmt.Println("HEMD-RESULT ok marker fsynced")
+		return
+	}
+	if len(os.Args) == 4 && os.Args[1] == "find" {
+		// agent find DEVICE TEXT: the byte offset of TEXT on the device.
+		off, err := find(os.Args[2], os.Args[3])
+		if err != nil {
+			fmt.Printf("HEMD-RESULT fail find %v\n", err)
+			os.Exit(1)
+		}
+		fmt.Println(off)
 		return
 	}
 	if len(os.Args) < 5 || os.Args[1] != "pattern" {
@@ -127,4 +138,22 @@ func marker(dev string, off int64, text string) error {
 		return err
 	}
 	return f.Sync()
+}
+
+func find(dev, text string) (int64, error) {
+	f, err := os.Open(dev)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	buf := make([]byte, chunk+len(text))
+	for off := int64(0); ; off += chunk {
+		n, err := f.ReadAt(buf, off)
+		if i := bytes.Index(buf[:n], []byte(text)); i >= 0 {
+			return off + int64(i), nil
+		}
+		if err != nil {
+			return 0, fmt.Errorf("%q not found", text)
+		}
+	}
 }
