@@ -59,6 +59,7 @@ func (k *volumeKeys) Detach() {
 	if k.key.State() == datakey.Detached {
 		return
 	}
+	k.log.Info("event=detach", "volume", k.head.VolumeID, "key", k.head.KeyID)
 	k.key.Zeroize()
 	k.log.Info("event=zeroize", "volume", k.head.VolumeID, "key", k.head.KeyID)
 }
