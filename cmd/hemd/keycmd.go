@@ -42,11 +42,8 @@ func keysCommand(ctx context.Context, g globalFlags, args []string, stdout, stde
 		fmt.Fprintln(stderr, keysUsage)
 		return fmt.Errorf("key: unknown command %q", sub)
 	}
-	if err := fs.Parse(args); err != nil {
+	if err := parse(fs, args, n, fmt.Sprintf("%d argument(s)\n%s", n, keysUsage)); err != nil {
 		return err
-	}
-	if fs.NArg() != n {
-		return fmt.Errorf("key %s: want %d argument(s), got %d\n%s", sub, n, fs.NArg(), keysUsage)
 	}
 	k, err := hsm.Open(kmsConfig(g), g.StateDir)
 	if err != nil {

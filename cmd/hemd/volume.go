@@ -75,6 +75,8 @@ func volumeCommand(ctx context.Context, g globalFlags, args []string, stdout, st
 		return printHeader(stdout, v.Head, *asJSON)
 	case "import":
 		from := fs.String("from", "", "raw image to encrypt into the volume")
+		key := fs.String("key", "", "KMS key for a new volume (default: the default key)")
+		bs := fs.Uint("block-size", 512, "logical block size of a new volume, 512 or 4096")
 		if err := parse(fs, args, 1, "PATH"); err != nil {
 			return err
 		}
@@ -90,20 +92,37 @@ func volumeCommand(ctx context.Context, g globalFlags, args []string, stdout, st
 		if err != nil {
 			return err
 		}
-		v, err := volume.Open(fs.Arg(0), false)
-		if err != nil {
-			return err
-		}
-		defer v.Close()
 		kms, closeKMS, err := openKMS(ctx, g)
 		if err != nil {
 			return fmt.Errorf("volume import: %w", err)
 		}
 		defer closeKMS()
+		var v *volume.Volume
+		if _, err := os.Stat(fs.Arg(0)); errors.Is(err, os.ErrNotExist) {
+			// A new volume the size of the image (rounded up to a block).
+			keyID := *key
+			if keyID == "" {
+				if keyID, err = defaultKey(ctx, g, kms); err != nil {
+					return fmt.Errorf("volume import: %w", err)
+				}
+			}
+			size := (uint64(st.Size()) + uint64(*bs) - 1) / uint64(*bs) * uint64(*bs)
+			if v, err = volume.Create(ctx, kms, fs.Arg(0), volume.CreateOptions{Size: size, BlockSize: uint32(*bs), KeyID: keyID}); err != nil {
+				return err
+			}
+			g.Log.Info("volume created", "volume", v.Head.VolumeID, "key", v.Head.KeyID, "path", fs.Arg(0))
+		} else if v, err = volume.Open(fs.Arg(0), false); err != nil {
+			return err
+		}
+		defer v.Close()
 		bar := newProgressBar(stderr, "import")
 		err = v.Import(ctx, kms, src, st.Size(), bar.update)
 		bar.done()
-		return err
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(stdout, v.Head.VolumeID)
+		return nil
 	case "export":
 		to := fs.String("to", "", "raw file to write the plaintext to")
 		if err := parse(fs, args, 1, "PATH"); err != nil {
@@ -194,15 +213,24 @@ func snapshotCommand(ctx context.Context, g globalFlags, args []string, stdout, 
 	return fmt.Errorf("snapshot: unknown subcommand %q", sub)
 }
 
-// parse parses flags and wants exactly n positional arguments.
+// parse parses flags anywhere among the arguments (hemd volume export PATH
+// --to RAW) and wants exactly n positional arguments, left in fs.Args().
 func parse(fs *flag.FlagSet, args []string, n int, names string) error {
-	if err := fs.Parse(args); err != nil {
-		return err
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return err
+		}
+		if fs.NArg() == 0 {
+			break
+		}
+		pos = append(pos, fs.Arg(0))
+		args = fs.Args()[1:]
 	}
-	if fs.NArg() != n {
-		return fmt.Errorf("%s: want %s, got %d argument(s)", fs.Name(), names, fs.NArg())
+	if len(pos) != n {
+		return fmt.Errorf("%s: want %s, got %d argument(s)", fs.Name(), names, len(pos))
 	}
-	return nil
+	return fs.Parse(append([]string{"--"}, pos...))
 }
 
 // headerJSON is `hemd volume inspect --json`.
