@@ -34,7 +34,9 @@ func TestKeyAndVolumeCommands(t *testing.T) {
 	if err != nil {
 		t.Fatalf("key create: %v\n%s", err, out)
 	}
-	var km struct{ KeyMetadata struct{ KeyID, Arn, KeyState string } }
+	var km struct {
+		KeyMetadata struct{ KeyID, Arn, KeyState string }
+	}
 	if err := json.Unmarshal([]byte(out), &km); err != nil || km.KeyMetadata.KeyState != "Enabled" {
 		t.Fatalf("key create --json: %v %s", err, out)
 	}
