@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 
 	"github.com/BurntSushi/toml"
-	"github.com/hemd/hemd/kmsclient/hsm"
 	"github.com/hemd/hemd/vhost/blk"
 )
 
@@ -16,7 +15,7 @@ type fileConfig struct {
 	// StateDir overrides the state directory.
 	StateDir string `toml:"state_dir"`
 	// KMS configures the key management service.
-	KMS hsm.Config `toml:"kms"`
+	KMS kmsSettings `toml:"kms"`
 	// Volumes are served each on its own socket.
 	Volumes []volumeConfig `toml:"volume"`
 }

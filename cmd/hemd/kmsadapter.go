@@ -7,6 +7,7 @@ import (
 	"os"
 
 	"github.com/hemd/hemd/hem/volume"
+	"github.com/hemd/hemd/kmsclient/awsjson"
 	"github.com/hemd/hemd/kmsclient/hsm"
 )
 
@@ -17,7 +18,7 @@ const defaultKeyAlias = "alias/aws/ebs"
 // kmsConfig is the KMS configuration: the [kms] section of the config file,
 // with HEMD_PKCS11_MODULE, HEMD_PKCS11_TOKEN and HEMD_PKCS11_PIN on top.
 func kmsConfig(g globalFlags) hsm.Config {
-	c := g.KMS
+	c := g.KMS.Config
 	if v := os.Getenv("HEMD_PKCS11_MODULE"); v != "" {
 		c.Module = v
 	}
@@ -45,9 +46,23 @@ func (k hsmKMS) CheckKey(ctx context.Context, keyID string) error {
 	return nil
 }
 
-// openKMS opens the KMS: the embedded SoftHSM2 token under the state
-// directory unless another PKCS#11 module is configured.
+// openKMS opens the KMS: a remote one (hemd kms serve) when an endpoint is
+// configured ([kms] endpoint or HEMD_KMS_ENDPOINT), else the embedded
+// SoftHSM2 token under the state directory or the configured PKCS#11 HSM.
 func openKMS(ctx context.Context, g globalFlags) (volume.KMS, func(), error) {
+	s := g.KMS
+	if v := os.Getenv("HEMD_KMS_ENDPOINT"); v != "" {
+		s.Endpoint = v
+	}
+	if v := os.Getenv("HEMD_KMS_ACCESS_KEY_ID"); v != "" {
+		s.AccessKeyID = v
+	}
+	if v := os.Getenv("HEMD_KMS_SECRET_ACCESS_KEY"); v != "" {
+		s.SecretAccessKey = v
+	}
+	if s.Endpoint != "" {
+		return awsjson.NewClient(s.Endpoint, s.Region, s.AccessKeyID, s.SecretAccessKey), func() {}, nil
+	}
 	k, err := hsm.Open(kmsConfig(g), g.StateDir)
 	if err != nil {
 		return nil, func() {}, err

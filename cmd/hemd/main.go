@@ -13,8 +13,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"syscall"
-
-	"github.com/hemd/hemd/kmsclient/hsm"
 )
 
 // globalFlags are the settings every subcommand shares.
@@ -24,7 +22,7 @@ type globalFlags struct {
 	// Log is the process logger.
 	Log *slog.Logger
 	// KMS configures the key management service ([kms] in the config file).
-	KMS hsm.Config
+	KMS kmsSettings
 }
 
 const usage = `usage: hemd [--state-dir DIR] COMMAND [ARGS]
@@ -34,7 +32,7 @@ commands:
   volume     create, inspect, import and export encrypted volumes
   snapshot   create and copy snapshots
   key        manage customer master keys in the KMS
-  kms        run the KMS as a network service (kms serve)
+  kms        run the KMS as a network service: kms serve (AWS KMS protocol)
   bench      measure a vhost-user-blk back-end (hemd or any other)
   version    print the version
 

@@ -346,12 +346,21 @@ func arnOf(m *KeyMetadata) string {
 // random generator and returns it only wrapped, under the key's current
 // version with ectx bound as AAD, and the key's ARN.
 func (k *KMS) GenerateDataKeyWithoutPlaintext(ctx context.Context, ref string, ectx map[string]string) ([]byte, string, error) {
-	blob, arn, err := k.generate(ctx, ref, ectx)
+	return k.GenerateDataKeyWithoutPlaintextN(ctx, ref, ectx, DataKeySize)
+}
+
+// GenerateDataKeyWithoutPlaintextN is GenerateDataKeyWithoutPlaintext for a
+// data key of n bytes (1 to 1024), as the API's NumberOfBytes.
+func (k *KMS) GenerateDataKeyWithoutPlaintextN(ctx context.Context, ref string, ectx map[string]string, n int) ([]byte, string, error) {
+	blob, arn, err := k.generate(ctx, ref, ectx, n)
 	k.record("GenerateDataKeyWithoutPlaintext", arn, ectx, err)
 	return blob, arn, err
 }
 
-func (k *KMS) generate(ctx context.Context, ref string, ectx map[string]string) ([]byte, string, error) {
+func (k *KMS) generate(ctx context.Context, ref string, ectx map[string]string, n int) ([]byte, string, error) {
+	if n < 1 || n > 1024 {
+		return nil, "", kmsErr(ErrValidation, "NumberOfBytes %d is not in 1..1024", n)
+	}
 	if err := validateContext(ectx); err != nil {
 		return nil, "", err
 	}
@@ -371,7 +380,7 @@ func (k *KMS) generate(ctx context.Context, ref string, ectx map[string]string) 
 	}
 	var out []byte
 	err = k.withSession(ctx, func(sh pkcs11.SessionHandle) error {
-		dek, err := k.p.GenerateRandom(sh, DataKeySize)
+		dek, err := k.p.GenerateRandom(sh, n)
 		if err != nil {
 			return err
 		}
@@ -411,15 +420,21 @@ func (k *KMS) generate(ctx context.Context, ref string, ectx map[string]string) 
 // HSM, with the same encryption context, into dst, and returns the ARN of
 // the key that wrapped it. dst must have room for the plaintext.
 func (k *KMS) Decrypt(ctx context.Context, blobBytes []byte, ectx map[string]string, dst []byte) (string, error) {
-	arn, err := k.decrypt(ctx, blobBytes, ectx, dst)
-	k.record("Decrypt", arn, ectx, err)
+	_, arn, err := k.DecryptN(ctx, blobBytes, ectx, dst)
 	return arn, err
 }
 
-func (k *KMS) decrypt(ctx context.Context, blobBytes []byte, ectx map[string]string, dst []byte) (string, error) {
+// DecryptN is Decrypt that also returns the plaintext's length.
+func (k *KMS) DecryptN(ctx context.Context, blobBytes []byte, ectx map[string]string, dst []byte) (int, string, error) {
+	n, arn, err := k.decrypt(ctx, blobBytes, ectx, dst)
+	k.record("Decrypt", arn, ectx, err)
+	return n, arn, err
+}
+
+func (k *KMS) decrypt(ctx context.Context, blobBytes []byte, ectx map[string]string, dst []byte) (int, string, error) {
 	b, err := decodeBlob(blobBytes)
 	if err != nil {
-		return "", err
+		return 0, "", err
 	}
 	id := uuidString(b.keyID)
 	k.mu.Lock()
@@ -432,8 +447,9 @@ func (k *KMS) decrypt(ctx context.Context, blobBytes []byte, ectx map[string]str
 	}
 	k.mu.Unlock()
 	if err != nil {
-		return arnOf(m), err
+		return 0, arnOf(m), err
 	}
+	n := 0
 	err = k.withSession(ctx, func(sh pkcs11.SessionHandle) error {
 		obj, err := k.findKey(sh, id, b.version)
 		if err != nil {
@@ -444,22 +460,22 @@ func (k *KMS) decrypt(ctx context.Context, blobBytes []byte, ectx map[string]str
 		if err := k.p.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, obj); err != nil {
 			return err
 		}
-		_, err = k.dec.decrypt(sh, b.ct, dst)
+		n, err = k.dec.decrypt(sh, b.ct, dst)
 		return err
 	})
 	if err != nil {
 		var ke *Error
 		if errors.As(err, &ke) {
-			return m.Arn, err
+			return 0, m.Arn, err
 		}
 		var pe pkcs11.Error
 		// SoftHSM2 reports a GCM tag mismatch as CKR_GENERAL_ERROR: the blob
 		// or its context is wrong, the HSM is fine.
 		if errors.As(err, &pe) && (pe == pkcs11.CKR_GENERAL_ERROR || pe == pkcs11.CKR_ENCRYPTED_DATA_INVALID ||
 			pe == pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE) {
-			return m.Arn, kmsErr(ErrInvalidCiphertext, "the ciphertext or its encryption context does not match")
+			return 0, m.Arn, kmsErr(ErrInvalidCiphertext, "the ciphertext or its encryption context does not match")
 		}
-		return m.Arn, kmsErr(ErrInternal, "HSM: %v", err)
+		return 0, m.Arn, kmsErr(ErrInternal, "HSM: %v", err)
 	}
-	return m.Arn, nil
+	return n, m.Arn, nil
 }

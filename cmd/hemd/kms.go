@@ -1,0 +1,100 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+	"github.com/hemd/hemd/kmsclient/awsjson"
+	"github.com/hemd/hemd/kmsclient/hsm"
+)
+
+// kmsSettings is the [kms] section: the embedded HSM's settings, a remote
+// KMS to use instead, and (for hemd kms serve) who may call.
+type kmsSettings struct {
+	hsm.Config
+	// Endpoint of a remote KMS (hemd kms serve, http(s)://HOST:PORT or
+	// unix:PATH); empty means the embedded HSM.
+	Endpoint        string `toml:"endpoint"`
+	AccessKeyID     string `toml:"access_key_id"`
+	SecretAccessKey string `toml:"secret_access_key"`
+	// Principals may call hemd kms serve over TCP (SigV4).
+	Principals []awsjson.Principal `toml:"principal"`
+	// UnixUIDs may call hemd kms serve over a unix socket (default: root
+	// and hemd's own uid).
+	UnixUIDs []int `toml:"unix_uids"`
+}
+
+// kmsCommand runs `hemd kms serve --listen ADDR [--config FILE]`.
+func kmsCommand(ctx context.Context, g globalFlags, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 || args[0] != "serve" {
+		return errors.New("usage: hemd kms serve --listen HOST:PORT|unix:PATH [--config FILE]")
+	}
+	fs := flag.NewFlagSet("kms serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	listen := fs.String("listen", "127.0.0.1:7788", "TCP address or unix:PATH")
+	cfgPath := fs.String("config", "", "config file with [kms] and its [[kms.principal]] entries")
+	if err := parse(fs, args[1:], 0, "no arguments"); err != nil {
+		return err
+	}
+	settings := g.KMS
+	if *cfgPath != "" {
+		var c fileConfig
+		md, err := toml.DecodeFile(*cfgPath, &c)
+		if err != nil {
+			return fmt.Errorf("kms serve: %w", err)
+		}
+		if und := md.Undecoded(); len(und) > 0 {
+			return fmt.Errorf("kms serve: config %s: unknown key %q", *cfgPath, und[0].String())
+		}
+		settings = c.KMS
+		if c.StateDir != "" && os.Getenv("HEMD_STATE_DIR") == "" {
+			g.StateDir = c.StateDir
+		}
+	}
+	k, err := hsm.Open(settings.Config, g.StateDir)
+	if err != nil {
+		return err
+	}
+	defer k.Close()
+	var ln net.Listener
+	if path, ok := strings.CutPrefix(*listen, "unix:"); ok {
+		os.Remove(path)
+		ln, err = net.Listen("unix", path)
+		if err == nil {
+			os.Chmod(path, 0o660)
+		}
+	} else {
+		if len(settings.Principals) == 0 {
+			return errors.New("kms serve: no [[kms.principal]] in the config: nobody could call over TCP")
+		}
+		ln, err = net.Listen("tcp", *listen)
+	}
+	if err != nil {
+		return fmt.Errorf("kms serve: %w", err)
+	}
+	srv := &http.Server{
+		Handler:           &awsjson.Server{KMS: k, Region: settings.Region, Principals: settings.Principals, UnixUIDs: settings.UnixUIDs, Log: g.Log},
+		ConnContext:       awsjson.ConnContext,
+		ReadHeaderTimeout: 10 * time.Second,
+	}
+	g.Log.Info("kms serving", "listen", *listen, "principals", len(settings.Principals), "state_dir", g.StateDir)
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+	}()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("kms serve: %w", err)
+	}
+	return nil
+}
