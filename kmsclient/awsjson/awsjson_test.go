@@ -171,3 +171,94 @@ func TestClient(t *testing.T) {
 		t.Fatalf("unreachable: %v", err)
 	}
 }
+
+// A host's principal that may only use keys through grants: a grant
+// constrained to vol-A decrypts vol-A's key and not vol-B's.
+func TestGrants(t *testing.T) {
+	if _, err := os.Stat(hsm.DefaultModule); err != nil {
+		t.Skip("SoftHSM2 is not installed")
+	}
+	t.Setenv("SOFTHSM2_CONF", "")
+	os.Unsetenv("SOFTHSM2_CONF")
+	k, err := hsm.Open(hsm.Config{}, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close()
+	srv := httptest.NewServer(&Server{KMS: k, Principals: []Principal{
+		{AccessKeyID: "AKIDADMIN", SecretAccessKey: "a", Name: "admin"},
+		{AccessKeyID: "AKIDHOST", SecretAccessKey: "h", Name: "host-1", GrantsOnly: true},
+	}})
+	defer srv.Close()
+	ctx := context.Background()
+	admin, host := sdk(srv.URL, "AKIDADMIN", "a"), sdk(srv.URL, "AKIDHOST", "h")
+	ck, _ := admin.CreateKey(ctx, &kms.CreateKeyInput{})
+	key := ck.KeyMetadata.KeyId
+	volA := map[string]string{"aws:ebs:id": "vol-aaaaaaaaaaaaaaaaa"}
+	volB := map[string]string{"aws:ebs:id": "vol-bbbbbbbbbbbbbbbbb"}
+	a, _ := admin.GenerateDataKeyWithoutPlaintext(ctx, &kms.GenerateDataKeyWithoutPlaintextInput{KeyId: key, NumberOfBytes: aws.Int32(64), EncryptionContext: volA})
+	b, _ := admin.GenerateDataKeyWithoutPlaintext(ctx, &kms.GenerateDataKeyWithoutPlaintextInput{KeyId: key, NumberOfBytes: aws.Int32(64), EncryptionContext: volB})
+	// No grant yet: refused.
+	if _, err := host.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: a.CiphertextBlob, EncryptionContext: volA}); err == nil || !strings.Contains(err.Error(), "AccessDenied") {
+		t.Fatalf("decrypt without a grant: %v", err)
+	}
+	g, err := admin.CreateGrant(ctx, &kms.CreateGrantInput{KeyId: key, GranteePrincipal: aws.String("host-1"),
+		Operations:  []types.GrantOperation{types.GrantOperationDecrypt},
+		Constraints: &types.GrantConstraints{EncryptionContextEquals: volA}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := host.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: a.CiphertextBlob, EncryptionContext: volA}); err != nil {
+		t.Fatalf("decrypt vol-A's key under the grant: %v", err)
+	}
+	if _, err := host.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: b.CiphertextBlob, EncryptionContext: volB}); err == nil || !strings.Contains(err.Error(), "AccessDenied") {
+		t.Fatalf("vol-B's key through a grant for vol-A: %v", err)
+	}
+	if _, err := host.CreateKey(ctx, &kms.CreateKeyInput{}); err == nil {
+		t.Fatal("a grants-only principal created a key")
+	}
+	lg, err := admin.ListGrants(ctx, &kms.ListGrantsInput{KeyId: key})
+	if err != nil || len(lg.Grants) != 1 || *lg.Grants[0].GrantId != *g.GrantId {
+		t.Fatalf("ListGrants: %v", err)
+	}
+	if _, err := admin.RevokeGrant(ctx, &kms.RevokeGrantInput{KeyId: key, GrantId: g.GrantId}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := host.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: a.CiphertextBlob, EncryptionContext: volA}); err == nil {
+		t.Fatal("decrypt after the grant was revoked")
+	}
+}
+
+// GenerateDataKey, Encrypt and ReEncrypt; blobs from before a rotation.
+func TestDataOps(t *testing.T) {
+	srv, _ := serve(t)
+	ctx := context.Background()
+	c := sdk(srv.URL, "AKIDHEMDTEST", "s3cr3t")
+	k1, _ := c.CreateKey(ctx, &kms.CreateKeyInput{})
+	k2, _ := c.CreateKey(ctx, &kms.CreateKeyInput{})
+	gd, err := c.GenerateDataKey(ctx, &kms.GenerateDataKeyInput{KeyId: k1.KeyMetadata.KeyId, KeySpec: types.DataKeySpecAes256, EncryptionContext: vol})
+	if err != nil || len(gd.Plaintext) != 32 {
+		t.Fatalf("GenerateDataKey: %v", err)
+	}
+	if _, err := c.RotateKeyOnDemand(ctx, &kms.RotateKeyOnDemandInput{KeyId: k1.KeyMetadata.KeyId}); err != nil {
+		t.Fatal(err)
+	}
+	d, err := c.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: gd.CiphertextBlob, EncryptionContext: vol})
+	if err != nil || !bytes.Equal(d.Plaintext, gd.Plaintext) {
+		t.Fatalf("a blob from before the rotation: %v", err)
+	}
+	enc, err := c.Encrypt(ctx, &kms.EncryptInput{KeyId: k1.KeyMetadata.KeyId, Plaintext: []byte("hello"), EncryptionContext: vol})
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap := map[string]string{"aws:ebs:id": "snap-0123456789abcdef0"}
+	re, err := c.ReEncrypt(ctx, &kms.ReEncryptInput{CiphertextBlob: enc.CiphertextBlob, SourceEncryptionContext: vol,
+		DestinationKeyId: k2.KeyMetadata.KeyId, DestinationEncryptionContext: snap})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2, err := c.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: re.CiphertextBlob, EncryptionContext: snap})
+	if err != nil || string(d2.Plaintext) != "hello" || !strings.HasSuffix(*d2.KeyId, *k2.KeyMetadata.KeyId) {
+		t.Fatalf("ReEncrypt: %v", err)
+	}
+}

@@ -33,6 +33,9 @@ type Principal struct {
 	AccessKeyID     string `toml:"access_key_id"`
 	SecretAccessKey string `toml:"secret_access_key"`
 	Name            string `toml:"name"`
+	// GrantsOnly principals (a host's hemd) may only use keys through
+	// grants that name them, within the grants' context constraints.
+	GrantsOnly bool `toml:"grants_only"`
 }
 
 // Server is the KMS's HTTP handler.
@@ -95,7 +98,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		fail(w, &apiError{Type: "SerializationException", Message: err.Error()})
 		return
 	}
-	who, aerr := s.authenticate(r, body)
+	who, grantsOnly, aerr := s.authenticate(r, body)
 	if aerr != nil {
 		if s.Log != nil {
 			s.Log.Warn("kms request refused", "remote", r.RemoteAddr, "err", aerr)
@@ -104,7 +107,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	op := strings.TrimPrefix(r.Header.Get("X-Amz-Target"), "TrentService.")
-	out, err := s.dispatch(r.Context(), op, body)
+	out, err := s.dispatch(r.Context(), op, body, who, grantsOnly)
 	if err != nil {
 		var he *hsm.Error
 		var ae *apiError
@@ -127,7 +130,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // authenticate identifies the caller: a unix-socket peer by uid, a TCP one
 // by its SigV4 signature.
-func (s *Server) authenticate(r *http.Request, body []byte) (string, *apiError) {
+func (s *Server) authenticate(r *http.Request, body []byte) (string, bool, *apiError) {
 	if cred, ok := r.Context().Value(ctxKey{}).(*unix.Ucred); ok {
 		uids := s.UnixUIDs
 		if len(uids) == 0 {
@@ -135,19 +138,23 @@ func (s *Server) authenticate(r *http.Request, body []byte) (string, *apiError) 
 		}
 		for _, u := range uids {
 			if int(cred.Uid) == u {
-				return fmt.Sprintf("uid:%d", cred.Uid), nil
+				return fmt.Sprintf("uid:%d", cred.Uid), false, nil
 			}
 		}
-		return "", &apiError{Type: "AccessDeniedException", Message: fmt.Sprintf("uid %d may not use this KMS", cred.Uid)}
+		return "", false, &apiError{Type: "AccessDeniedException", Message: fmt.Sprintf("uid %d may not use this KMS", cred.Uid)}
 	}
-	return s.verifySigV4(r, body)
+	p, err := s.verifySigV4(r, body)
+	if err != nil {
+		return "", false, err
+	}
+	return p.Name, p.GrantsOnly, nil
 }
 
 // verifySigV4 re-signs the request with the principal's secret and compares.
-func (s *Server) verifySigV4(r *http.Request, body []byte) (string, *apiError) {
+func (s *Server) verifySigV4(r *http.Request, body []byte) (*Principal, *apiError) {
 	auth := r.Header.Get("Authorization")
 	if !strings.HasPrefix(auth, "AWS4-HMAC-SHA256 ") {
-		return "", &apiError{Type: "MissingAuthenticationTokenException", Message: "request is not signed (AWS Signature V4 required)"}
+		return nil, &apiError{Type: "MissingAuthenticationTokenException", Message: "request is not signed (AWS Signature V4 required)"}
 	}
 	fields := map[string]string{}
 	for _, f := range strings.Split(strings.TrimPrefix(auth, "AWS4-HMAC-SHA256 "), ",") {
@@ -157,7 +164,7 @@ func (s *Server) verifySigV4(r *http.Request, body []byte) (string, *apiError) {
 	}
 	scope := strings.Split(fields["Credential"], "/")
 	if len(scope) != 5 || scope[4] != "aws4_request" || fields["Signature"] == "" || fields["SignedHeaders"] == "" {
-		return "", &apiError{Type: "IncompleteSignatureException", Message: "malformed Authorization header"}
+		return nil, &apiError{Type: "IncompleteSignatureException", Message: "malformed Authorization header"}
 	}
 	akid, region, service := scope[0], scope[2], scope[3]
 	var p *Principal
@@ -167,11 +174,11 @@ func (s *Server) verifySigV4(r *http.Request, body []byte) (string, *apiError) {
 		}
 	}
 	if p == nil {
-		return "", &apiError{Type: "UnrecognizedClientException", Message: "the security token included in the request is invalid"}
+		return nil, &apiError{Type: "UnrecognizedClientException", Message: "the security token included in the request is invalid"}
 	}
 	t, err := time.Parse("20060102T150405Z", r.Header.Get("X-Amz-Date"))
 	if err != nil || time.Since(t).Abs() > 15*time.Minute {
-		return "", &apiError{Type: "InvalidSignatureException", Message: "X-Amz-Date missing or more than 15 minutes off"}
+		return nil, &apiError{Type: "InvalidSignatureException", Message: "X-Amz-Date missing or more than 15 minutes off"}
 	}
 	sum := sha256.Sum256(body)
 	hash := hex.EncodeToString(sum[:])
@@ -187,12 +194,12 @@ func (s *Server) verifySigV4(r *http.Request, body []byte) (string, *apiError) {
 	}
 	creds := aws.Credentials{AccessKeyID: akid, SecretAccessKey: p.SecretAccessKey}
 	if err := v4.NewSigner().SignHTTP(r.Context(), creds, again, hash, service, region, t); err != nil {
-		return "", &apiError{Type: "InvalidSignatureException", Message: err.Error()}
+		return nil, &apiError{Type: "InvalidSignatureException", Message: err.Error()}
 	}
 	mine := again.Header.Get("Authorization")
 	want := "Signature=" + fields["Signature"]
 	if i := strings.Index(mine, "Signature="); i < 0 || subtle.ConstantTimeCompare([]byte(mine[i:]), []byte(want)) != 1 {
-		return "", &apiError{Type: "InvalidSignatureException", Message: "the request signature does not match"}
+		return nil, &apiError{Type: "InvalidSignatureException", Message: "the request signature does not match"}
 	}
-	return p.Name, nil
+	return p, nil
 }

@@ -46,6 +46,12 @@ func (a *auditLog) close() { a.f.Close() }
 // AuditPath is where the audit log of a state directory is.
 func AuditPath(stateDir string) string { return stateDir + "/audit.log" }
 
+// recordLocked is record for callers holding k.mu (record takes no lock of
+// k's, so it is the same).
+func (k *KMS) recordLocked(op, arn string, ectx map[string]string, err error) {
+	k.record(op, arn, ectx, err)
+}
+
 func (k *KMS) record(op, arn string, ectx map[string]string, err error) {
 	if k.audit == nil {
 		return

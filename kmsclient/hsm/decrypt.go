@@ -56,6 +56,8 @@ type lockedDecrypt struct {
 	fn      unsafe.Pointer
 	mu      sync.Mutex
 	scratch []byte
+	bufMu   sync.Mutex
+	buf     []byte
 }
 
 func newLockedDecrypt(module string) (*lockedDecrypt, error) {
@@ -118,6 +120,27 @@ func (d *lockedDecrypt) close() {
 		unix.Munmap(d.scratch)
 		d.scratch = nil
 	}
+}
+
+// lockedBuf lends a second locked page for ReEncrypt's plaintext.
+func (d *lockedDecrypt) lockedBuf() []byte {
+	d.bufMu.Lock()
+	if d.buf == nil {
+		p, err := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+		if err == nil {
+			unix.Mlock(p)
+			unix.Madvise(p, unix.MADV_DONTDUMP)
+			d.buf = p
+		} else {
+			d.buf = make([]byte, 4096)
+		}
+	}
+	return d.buf
+}
+
+func (d *lockedDecrypt) releaseBuf(b []byte) {
+	clear(b)
+	d.bufMu.Unlock()
 }
 
 var errNoDecrypt = errors.New("kms: no locked decrypt")

@@ -69,7 +69,8 @@ type KMS struct {
 	mu       sync.Mutex // metadata and sessions' recovery
 	meta     map[string]*KeyMetadata
 	aliases  map[string]string // alias name → key id
-	metaTime time.Time         // keys.json as last read or written
+	grants   []*Grant
+	metaTime time.Time // keys.json as last read or written
 	metaSize int64
 	audit    *auditLog
 	caller   string

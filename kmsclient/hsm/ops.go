@@ -23,6 +23,7 @@ const DataKeySize = 64
 type metaFile struct {
 	Keys    map[string]*KeyMetadata `json:"keys"`
 	Aliases map[string]string       `json:"aliases"`
+	Grants  []*Grant                `json:"grants"`
 }
 
 // refresh reloads the metadata when another process (hemd key ...) changed
@@ -57,7 +58,7 @@ func (k *KMS) loadMeta() error {
 	if err := json.Unmarshal(b, &m); err != nil {
 		return fmt.Errorf("kms: keys.json is corrupt: %w", err)
 	}
-	k.meta, k.aliases = map[string]*KeyMetadata{}, map[string]string{}
+	k.meta, k.aliases, k.grants = map[string]*KeyMetadata{}, map[string]string{}, m.Grants
 	if m.Keys != nil {
 		k.meta = m.Keys
 	}
@@ -69,7 +70,7 @@ func (k *KMS) loadMeta() error {
 
 // saveMeta writes the metadata atomically. Call with k.mu held.
 func (k *KMS) saveMeta() error {
-	b, err := json.MarshalIndent(metaFile{Keys: k.meta, Aliases: k.aliases}, "", "  ")
+	b, err := json.MarshalIndent(metaFile{Keys: k.meta, Aliases: k.aliases, Grants: k.grants}, "", "  ")
 	if err != nil {
 		return err
 	}
@@ -115,6 +116,9 @@ func uuidString(b [16]byte) string {
 	h := hex.EncodeToString(b[:])
 	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
 }
+
+// ARN returns a key id's ARN.
+func (k *KMS) ARN(id string) string { return k.arn(id) }
 
 func (k *KMS) arn(id string) string {
 	return fmt.Sprintf("arn:aws:kms:%s:%s:key/%s", k.cfg.Region, k.cfg.Account, id)
@@ -361,8 +365,46 @@ func (k *KMS) generate(ctx context.Context, ref string, ectx map[string]string, 
 	if n < 1 || n > 1024 {
 		return nil, "", kmsErr(ErrValidation, "NumberOfBytes %d is not in 1..1024", n)
 	}
+	var blob []byte
+	var arn string
+	err := k.withSession(ctx, func(sh pkcs11.SessionHandle) error {
+		dek, err := k.p.GenerateRandom(sh, n)
+		if err != nil {
+			return err
+		}
+		defer clear(dek)
+		blob, arn, err = k.wrapOn(ctx, sh, ref, ectx, dek)
+		return err
+	})
+	return blob, arn, internal(err)
+}
+
+func internal(err error) error {
+	var ke *Error
+	if err != nil && !errors.As(err, &ke) && !errors.Is(err, context.Canceled) {
+		return kmsErr(ErrInternal, "HSM: %v", err)
+	}
+	return err
+}
+
+// wrap encrypts plaintext under the key's current version inside the HSM.
+func (k *KMS) wrap(ctx context.Context, ref string, ectx map[string]string, plaintext []byte) ([]byte, string, error) {
+	var blob []byte
+	var arn string
+	err := k.withSession(ctx, func(sh pkcs11.SessionHandle) error {
+		var err error
+		blob, arn, err = k.wrapOn(ctx, sh, ref, ectx, plaintext)
+		return err
+	})
+	return blob, arn, internal(err)
+}
+
+func (k *KMS) wrapOn(ctx context.Context, sh pkcs11.SessionHandle, ref string, ectx map[string]string, plaintext []byte) ([]byte, string, error) {
 	if err := validateContext(ectx); err != nil {
 		return nil, "", err
+	}
+	if len(plaintext) == 0 || len(plaintext) > 4096 {
+		return nil, "", kmsErr(ErrValidation, "plaintext of %d bytes is not in 1..4096", len(plaintext))
 	}
 	k.mu.Lock()
 	m, err := k.resolve(ref)
@@ -378,42 +420,72 @@ func (k *KMS) generate(ctx context.Context, ref string, ectx map[string]string, 
 	if err != nil {
 		return nil, arnOf(m), err
 	}
-	var out []byte
-	err = k.withSession(ctx, func(sh pkcs11.SessionHandle) error {
-		dek, err := k.p.GenerateRandom(sh, n)
+	iv, err := k.p.GenerateRandom(sh, ivLen)
+	if err != nil {
+		return nil, m.Arn, err
+	}
+	obj, err := k.findKey(sh, id, version)
+	if err != nil {
+		return nil, m.Arn, err
+	}
+	hdr := headerOf(uuidBytes(id), version, iv)
+	params := pkcs11.NewGCMParams(iv, aad(hdr, ectx), tagLen*8)
+	defer params.Free()
+	if err := k.p.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, obj); err != nil {
+		return nil, m.Arn, err
+	}
+	ct, err := k.p.Encrypt(sh, plaintext)
+	if err != nil {
+		return nil, m.Arn, err
+	}
+	return append(hdr, ct...), m.Arn, nil
+}
+
+// GenerateDataKey returns a new data key of n bytes in plaintext (into dst)
+// and wrapped.
+func (k *KMS) GenerateDataKey(ctx context.Context, ref string, ectx map[string]string, dst []byte) ([]byte, string, error) {
+	var blob []byte
+	var arn string
+	err := k.withSession(ctx, func(sh pkcs11.SessionHandle) error {
+		dek, err := k.p.GenerateRandom(sh, len(dst))
 		if err != nil {
 			return err
 		}
 		defer clear(dek)
-		iv, err := k.p.GenerateRandom(sh, ivLen)
-		if err != nil {
-			return err
+		blob, arn, err = k.wrapOn(ctx, sh, ref, ectx, dek)
+		if err == nil {
+			copy(dst, dek)
 		}
-		obj, err := k.findKey(sh, id, version)
-		if err != nil {
-			return err
-		}
-		hdr := headerOf(uuidBytes(id), version, iv)
-		params := pkcs11.NewGCMParams(iv, aad(hdr, ectx), tagLen*8)
-		defer params.Free()
-		if err := k.p.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, obj); err != nil {
-			return err
-		}
-		ct, err := k.p.Encrypt(sh, dek)
-		if err != nil {
-			return err
-		}
-		out = append(hdr, ct...)
-		return nil
+		return err
 	})
-	if err != nil {
-		var ke *Error
-		if !errors.As(err, &ke) {
-			err = kmsErr(ErrInternal, "HSM: %v", err)
-		}
-		return nil, m.Arn, err
+	err = internal(err)
+	k.record("GenerateDataKey", arn, ectx, err)
+	return blob, arn, err
+}
+
+// Encrypt encrypts up to 4 KiB of plaintext under a key.
+func (k *KMS) Encrypt(ctx context.Context, ref string, ectx map[string]string, plaintext []byte) ([]byte, string, error) {
+	blob, arn, err := k.wrap(ctx, ref, ectx, plaintext)
+	k.record("Encrypt", arn, ectx, err)
+	return blob, arn, err
+}
+
+// ReEncrypt decrypts a blob and encrypts its plaintext under another key
+// and context, inside this process's locked scratch memory.
+func (k *KMS) ReEncrypt(ctx context.Context, blob []byte, srcCtx map[string]string, dstRef string, dstCtx map[string]string) ([]byte, string, error) {
+	pt := k.dec.lockedBuf()
+	defer k.dec.releaseBuf(pt)
+	n, srcARN, err := k.decrypt(ctx, blob, srcCtx, pt)
+	var out []byte
+	var arn string
+	if err == nil {
+		out, arn, err = k.wrap(ctx, dstRef, dstCtx, pt[:n])
 	}
-	return out, m.Arn, nil
+	if arn == "" {
+		arn = srcARN
+	}
+	k.record("ReEncrypt", arn, dstCtx, err)
+	return out, arn, err
 }
 
 // Decrypt unwraps a blob made by GenerateDataKeyWithoutPlaintext inside the
