@@ -18,7 +18,7 @@ import (
 	"github.com/hemd/hemd/kmsclient/hsm"
 )
 
-func serve(t *testing.T) (*httptest.Server, *hsm.KMS) {
+func serve(t testing.TB) (*httptest.Server, *hsm.KMS) {
 	t.Helper()
 	if _, err := os.Stat(hsm.DefaultModule); err != nil {
 		t.Skipf("SoftHSM2 is not installed (%v): make test installs softhsm2", err)
