@@ -225,6 +225,14 @@ func (s *Server) dispatch(ctx context.Context, op string, body []byte, who strin
 			}
 		}
 		return map[string]any{"Aliases": out, "Truncated": false}, nil
+	case "EnableKeyRotation", "DisableKeyRotation":
+		return empty(k.EnableKeyRotation(ctx, in.KeyId, op == "EnableKeyRotation"))
+	case "GetKeyRotationStatus":
+		m, err := k.DescribeKey(ctx, in.KeyId)
+		if err != nil {
+			return nil, err
+		}
+		return map[string]any{"KeyRotationEnabled": m.RotationEnabled, "KeyId": m.Arn}, nil
 	case "RotateKeyOnDemand":
 		if err := k.RotateKey(ctx, in.KeyId); err != nil {
 			return nil, err

@@ -54,7 +54,10 @@ type KeyMetadata struct {
 	KeySpec      string    `json:"KeySpec"`
 	Origin       string    `json:"Origin"`
 	Versions     uint32    `json:"BackingKeyVersions"`
-	Aliases      []string  `json:"Aliases,omitempty"`
+	// RotationEnabled is EnableKeyRotation's flag. hemd does not rotate on
+	// a timer: RotateKey (RotateKeyOnDemand) adds a version.
+	RotationEnabled bool     `json:"KeyRotationEnabled"`
+	Aliases         []string `json:"Aliases,omitempty"`
 }
 
 // KMS is the PKCS#11-backed KMS. It is safe for concurrent use.

@@ -332,3 +332,44 @@ func TestFunctionListDecrypt(t *testing.T) {
 		t.Fatal("function list entry 34 is not C_Decrypt")
 	}
 }
+
+// TestStateMatrix: every cryptographic operation in every key state.
+func TestStateMatrix(t *testing.T) {
+	k, _ := open(t)
+	ctx := context.Background()
+	m, _ := k.CreateKey(ctx, "")
+	other, _ := k.CreateKey(ctx, "")
+	blob, _, _ := k.GenerateDataKeyWithoutPlaintext(ctx, m.KeyID, vol)
+	ops := map[string]func() error{
+		"GenerateDataKeyWithoutPlaintext": func() error { _, _, err := k.GenerateDataKeyWithoutPlaintext(ctx, m.KeyID, vol); return err },
+		"GenerateDataKey":                 func() error { _, _, err := k.GenerateDataKey(ctx, m.KeyID, vol, make([]byte, 32)); return err },
+		"Encrypt":                         func() error { _, _, err := k.Encrypt(ctx, m.KeyID, vol, []byte("x")); return err },
+		"Decrypt":                         func() error { _, err := k.Decrypt(ctx, blob, vol, make([]byte, 64)); return err },
+		"ReEncrypt from":                  func() error { _, _, err := k.ReEncrypt(ctx, blob, vol, other.KeyID, vol); return err },
+		"RotateKey":                       func() error { return k.RotateKey(ctx, m.KeyID) },
+		"EnableKeyRotation":               func() error { return k.EnableKeyRotation(ctx, m.KeyID, true) },
+		"CreateGrant":                     func() error { _, err := k.CreateGrant(ctx, m.KeyID, "h", "", []string{"Decrypt"}, nil); return err },
+		"DescribeKey":                     func() error { _, err := k.DescribeKey(ctx, m.KeyID); return err },
+	}
+	want := map[string]map[string]error{
+		Enabled:         {},
+		Disabled:        {"GenerateDataKeyWithoutPlaintext": ErrDisabled, "GenerateDataKey": ErrDisabled, "Encrypt": ErrDisabled, "Decrypt": ErrDisabled, "ReEncrypt from": ErrDisabled, "RotateKey": ErrDisabled, "EnableKeyRotation": ErrDisabled},
+		PendingDeletion: {"GenerateDataKeyWithoutPlaintext": ErrInvalidState, "GenerateDataKey": ErrInvalidState, "Encrypt": ErrInvalidState, "Decrypt": ErrInvalidState, "ReEncrypt from": ErrInvalidState, "RotateKey": ErrInvalidState, "EnableKeyRotation": ErrInvalidState, "CreateGrant": ErrInvalidState},
+	}
+	set := map[string]func(){
+		Enabled:         func() { k.EnableKey(ctx, m.KeyID) },
+		Disabled:        func() { k.DisableKey(ctx, m.KeyID) },
+		PendingDeletion: func() { k.ScheduleKeyDeletion(ctx, m.KeyID, 7) },
+	}
+	for _, state := range []string{Enabled, Disabled, PendingDeletion} {
+		set[state]()
+		for name, op := range ops {
+			if err := op(); !errIs(err, want[state][name]) {
+				t.Errorf("%s in state %s: %v, want %v", name, state, err, want[state][name])
+			}
+		}
+		if state == PendingDeletion {
+			k.CancelKeyDeletion(ctx, m.KeyID)
+		}
+	}
+}

@@ -312,6 +312,26 @@ func (k *KMS) CancelKeyDeletion(ctx context.Context, ref string) error {
 	return k.setState("CancelKeyDeletion", ref, Disabled)
 }
 
+// EnableKeyRotation and DisableKeyRotation set the key's rotation flag.
+func (k *KMS) EnableKeyRotation(ctx context.Context, ref string, on bool) error {
+	k.mu.Lock()
+	m, err := k.resolve(ref)
+	if err == nil {
+		err = usable(m)
+	}
+	if err == nil {
+		m.RotationEnabled = on
+		err = k.saveMeta()
+	}
+	k.mu.Unlock()
+	op := "EnableKeyRotation"
+	if !on {
+		op = "DisableKeyRotation"
+	}
+	k.record(op, arnOf(m), nil, err)
+	return err
+}
+
 // RotateKey adds a new backing-key version; new blobs use it, old blobs keep
 // decrypting with theirs.
 func (k *KMS) RotateKey(ctx context.Context, ref string) error {
