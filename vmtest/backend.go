@@ -110,7 +110,7 @@ func (QSD) Serve(t testing.TB, image string, queues int) *Served {
 	}
 	sock := filepath.Join(t.TempDir(), "qsd.sock")
 	return start(t, "qsd", sock, nil, bin,
-		"--blockdev", "driver=file,node-name=f0,filename="+image,
+		"--blockdev", "driver=file,node-name=f0,filename="+image+",cache.direct=off",
 		"--export", fmt.Sprintf("type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=%s,writable=on,num-queues=%d", sock, queues))
 }
 

@@ -221,6 +221,11 @@ func buildGuest() (*Guest, error) {
 		}
 		ko, err := os.ReadFile(filepath.Join(moddir, "kernel", m+".ko"))
 		if err != nil {
+			// Debian 12's cloud kernel ships plain .ko files; busybox
+			// insmod could not load a compressed one, so say so.
+			if z, _ := filepath.Glob(filepath.Join(moddir, "kernel", m+".ko.*")); len(z) > 0 {
+				return nil, fmt.Errorf("module %s is compressed (%s): the initramfs needs it decompressed", m, filepath.Base(z[0]))
+			}
 			return nil, fmt.Errorf("module %s: %w", m, err)
 		}
 		name := filepath.Base(m) + ".ko"
