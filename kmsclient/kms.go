@@ -3,6 +3,7 @@
 // encryption context as AAD, grants, audit). hsm implements them on a
 // PKCS#11 HSM (SoftHSM2 embedded by default); awsjson serves them over the
 // AWS KMS wire protocol and is the client a host uses for a remote KMS.
+// Open picks between them from a Config (the [kms] section).
 package kmsclient
 
 import (
@@ -17,6 +18,7 @@ type KMS interface {
 	DescribeKey(ctx context.Context, key string) (hsm.KeyMetadata, error)
 	ListKeys(ctx context.Context) []hsm.KeyMetadata
 	CreateAlias(ctx context.Context, alias, key string) error
+	ListAliases(ctx context.Context, key string) ([]hsm.Alias, error)
 	EnableKey(ctx context.Context, key string) error
 	DisableKey(ctx context.Context, key string) error
 	ScheduleKeyDeletion(ctx context.Context, key string, days int) error

@@ -41,12 +41,17 @@ type (
 		KeyUsage     string
 		KeySpec      string
 		Origin       string
+		DeletionDate float64 `json:",omitempty"`
 	}
 )
 
 func wire(m hsm.KeyMetadata) keyMetadata {
-	return keyMetadata{KeyId: m.KeyID, Arn: m.Arn, KeyState: m.KeyState, Enabled: m.Enabled, Description: m.Description,
+	w := keyMetadata{KeyId: m.KeyID, Arn: m.Arn, KeyState: m.KeyState, Enabled: m.Enabled, Description: m.Description,
 		CreationDate: float64(m.CreationDate.UnixNano()) / float64(time.Second), KeyUsage: m.KeyUsage, KeySpec: m.KeySpec, Origin: m.Origin}
+	if m.DeletionDate != nil {
+		w.DeletionDate = float64(m.DeletionDate.Unix())
+	}
+	return w
 }
 
 // grantOp is the grant operation an API operation needs.
@@ -132,7 +137,8 @@ func (s *Server) dispatch(ctx context.Context, op string, body []byte, who strin
 			return nil, err
 		}
 		m, _ := k.DescribeKey(ctx, in.KeyId)
-		return map[string]any{"KeyId": m.Arn, "KeyState": m.KeyState, "PendingWindowInDays": days}, nil
+		return map[string]any{"KeyId": m.Arn, "KeyState": m.KeyState, "PendingWindowInDays": days,
+			"DeletionDate": wire(m).DeletionDate}, nil
 	case "CancelKeyDeletion":
 		if err := k.CancelKeyDeletion(ctx, in.KeyId); err != nil {
 			return nil, err
@@ -218,11 +224,9 @@ func (s *Server) dispatch(ctx context.Context, op string, body []byte, who strin
 	case "RevokeGrant":
 		return empty(k.RevokeGrant(ctx, in.KeyId, in.GrantId))
 	case "ListAliases":
-		var out []map[string]string
-		for _, m := range k.ListKeys(ctx) {
-			for _, a := range m.Aliases {
-				out = append(out, map[string]string{"AliasName": a, "TargetKeyId": m.KeyID})
-			}
+		out, err := k.ListAliases(ctx, in.KeyId)
+		if err != nil {
+			return nil, err
 		}
 		return map[string]any{"Aliases": out, "Truncated": false}, nil
 	case "EnableKeyRotation", "DisableKeyRotation":

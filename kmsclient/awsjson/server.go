@@ -107,7 +107,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	op := strings.TrimPrefix(r.Header.Get("X-Amz-Target"), "TrentService.")
-	out, err := s.dispatch(r.Context(), op, body, who, grantsOnly)
+	out, err := s.dispatch(hsm.WithPrincipal(r.Context(), principalOf(r, who)), op, body, who, grantsOnly)
 	if err != nil {
 		var he *hsm.Error
 		var ae *apiError
@@ -126,6 +126,18 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/x-amz-json-1.1")
 	json.NewEncoder(w).Encode(out)
+}
+
+// principalOf names an authenticated caller for the audit log.
+func principalOf(r *http.Request, who string) hsm.Principal {
+	if strings.HasPrefix(who, "uid:") {
+		return hsm.Principal{Type: "LocalUser", Name: who}
+	}
+	p := hsm.Principal{Type: "IAMUser", Name: who}
+	if _, cred, ok := strings.Cut(r.Header.Get("Authorization"), "Credential="); ok {
+		p.AccessKeyID, _, _ = strings.Cut(cred, "/")
+	}
+	return p
 }
 
 // authenticate identifies the caller: a unix-socket peer by uid, a TCP one

@@ -25,6 +25,8 @@ var (
 	ErrValidation        = &Error{Type: "ValidationException"}
 	ErrAlreadyExists     = &Error{Type: "AlreadyExistsException"}
 	ErrInternal          = &Error{Type: "KMSInternalException"}
+	ErrIncorrectKey      = &Error{Type: "IncorrectKeyException"}
+	ErrAccessDenied      = &Error{Type: "AccessDeniedException"}
 )
 
 func kmsErr(kind *Error, format string, a ...any) error {

@@ -76,7 +76,7 @@ func (k *KMS) CreateGrant(ctx context.Context, ref, grantee, retiring string, op
 			Operations: ops, Constraints: c, CreationDate: time.Now().UTC().Truncate(time.Second)})
 		err = k.saveMeta()
 	}
-	k.recordLocked("CreateGrant", arnOf(m), nil, err)
+	k.recordLocked(ctx, "CreateGrant", arnOf(m), nil, err)
 	return id, err
 }
 
@@ -99,15 +99,15 @@ func (k *KMS) ListGrants(ctx context.Context, ref string) ([]Grant, error) {
 
 // RevokeGrant deletes a grant (the key's administrator does this).
 func (k *KMS) RevokeGrant(ctx context.Context, ref, grantID string) error {
-	return k.dropGrant("RevokeGrant", ref, grantID, "")
+	return k.dropGrant(ctx, "RevokeGrant", ref, grantID, "")
 }
 
 // RetireGrant deletes a grant on behalf of its retiring or grantee principal.
 func (k *KMS) RetireGrant(ctx context.Context, grantID, caller string) error {
-	return k.dropGrant("RetireGrant", "", grantID, caller)
+	return k.dropGrant(ctx, "RetireGrant", "", grantID, caller)
 }
 
-func (k *KMS) dropGrant(op, ref, grantID, caller string) error {
+func (k *KMS) dropGrant(ctx context.Context, op, ref, grantID, caller string) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.refresh()
@@ -125,7 +125,7 @@ func (k *KMS) dropGrant(op, ref, grantID, caller string) error {
 		}
 		k.grants = append(k.grants[:i], k.grants[i+1:]...)
 		err := k.saveMeta()
-		k.recordLocked(op, k.arn(g.KeyID), nil, err)
+		k.recordLocked(ctx, op, k.arn(g.KeyID), nil, err)
 		return err
 	}
 	return kmsErr(ErrNotFound, "grant %s does not exist", grantID)

@@ -58,6 +58,8 @@ type KeyMetadata struct {
 	// a timer: RotateKey (RotateKeyOnDemand) adds a version.
 	RotationEnabled bool     `json:"KeyRotationEnabled"`
 	Aliases         []string `json:"Aliases,omitempty"`
+	// DeletionDate is when a key PendingDeletion is due to be deleted.
+	DeletionDate *time.Time `json:"DeletionDate,omitempty"`
 }
 
 // KMS is the PKCS#11-backed KMS. It is safe for concurrent use.
@@ -69,7 +71,8 @@ type KMS struct {
 	pin      string
 	login    pkcs11.SessionHandle // keeps the token logged in
 	pool     chan pkcs11.SessionHandle
-	mu       sync.Mutex // metadata and sessions' recovery
+	mu       sync.Mutex // metadata
+	sess     sessionState
 	meta     map[string]*KeyMetadata
 	aliases  map[string]string // alias name → key id
 	grants   []*Grant
@@ -142,6 +145,9 @@ func Open(cfg Config, stateDir string) (*KMS, error) {
 		k.Close()
 		return nil, err
 	}
+	// Keys whose deletion window has ended go now; a failure is retried at
+	// the next Open rather than keeping the KMS from opening.
+	k.DeleteDueKeys(context.Background(), time.Now())
 	return k, nil
 }
 
@@ -326,38 +332,6 @@ func recoverable(err error) bool {
 		return true
 	}
 	return false
-}
-
-// withSession runs fn on a pooled session. If the session turns out to be
-// dead, a new one is opened (logging in again when needed) and fn retried
-// once; objects are found again by label.
-func (k *KMS) withSession(ctx context.Context, fn func(sh pkcs11.SessionHandle) error) error {
-	var sh pkcs11.SessionHandle
-	select {
-	case sh = <-k.pool:
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-	err := fn(sh)
-	if err != nil && recoverable(err) {
-		k.mu.Lock()
-		k.p.CloseSession(sh)
-		var oerr error
-		sh, oerr = k.p.OpenSession(k.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
-		if oerr == nil {
-			if lerr := k.p.Login(sh, pkcs11.CKU_USER, k.pin); lerr != nil && !errors.Is(lerr, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)) {
-				oerr = lerr
-			}
-		}
-		k.mu.Unlock()
-		if oerr != nil {
-			k.pool <- sh
-			return kmsErr(ErrInternal, "HSM session lost and not recovered: %v (first: %v)", oerr, err)
-		}
-		err = fn(sh)
-	}
-	k.pool <- sh
-	return err
 }
 
 func label(id string, version uint32) string { return fmt.Sprintf("hemd-cmk/%s/v%d", id, version) }

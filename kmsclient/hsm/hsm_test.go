@@ -228,9 +228,9 @@ func TestParallelRecovery(t *testing.T) {
 		}()
 	}
 	for i := 0; i < 3; i++ {
-		k.mu.Lock()
+		k.sess.gate.Lock() // between operations, as an HSM restart would
 		k.p.CloseAllSessions(k.slot)
-		k.mu.Unlock()
+		k.sess.gate.Unlock()
 	}
 	wg.Wait()
 	close(errs)

@@ -196,7 +196,7 @@ func (k *KMS) CreateKey(ctx context.Context, description string) (KeyMetadata, e
 		err = k.saveMeta()
 		k.mu.Unlock()
 	}
-	k.record("CreateKey", m.Arn, nil, err)
+	k.record(ctx, "CreateKey", m.Arn, nil, err)
 	if err != nil {
 		return KeyMetadata{}, fmt.Errorf("create key: %w", err)
 	}
@@ -266,7 +266,7 @@ func (k *KMS) CreateReservedAlias(ctx context.Context, alias, ref string) error 
 
 // setState moves a key between states as EnableKey, DisableKey and
 // CancelKeyDeletion do.
-func (k *KMS) setState(op, ref, state string) error {
+func (k *KMS) setState(ctx context.Context, op, ref, state string, days int) error {
 	k.mu.Lock()
 	m, err := k.resolve(ref)
 	if err == nil {
@@ -277,6 +277,12 @@ func (k *KMS) setState(op, ref, state string) error {
 			err = kmsErr(ErrInvalidState, "%s is pending deletion", m.Arn)
 		default:
 			m.KeyState = state
+			m.Enabled = state == Enabled
+			m.DeletionDate = nil
+			if state == PendingDeletion {
+				d := time.Now().UTC().Add(time.Duration(days) * 24 * time.Hour).Truncate(time.Second)
+				m.DeletionDate = &d
+			}
 			err = k.saveMeta()
 		}
 	}
@@ -285,31 +291,33 @@ func (k *KMS) setState(op, ref, state string) error {
 		arn = m.Arn
 	}
 	k.mu.Unlock()
-	k.record(op, arn, nil, err)
+	k.record(ctx, op, arn, nil, err)
 	return err
 }
 
 // EnableKey enables a key.
 func (k *KMS) EnableKey(ctx context.Context, ref string) error {
-	return k.setState("EnableKey", ref, Enabled)
+	return k.setState(ctx, "EnableKey", ref, Enabled, 0)
 }
 
 // DisableKey disables a key: it can no longer wrap or unwrap.
 func (k *KMS) DisableKey(ctx context.Context, ref string) error {
-	return k.setState("DisableKey", ref, Disabled)
+	return k.setState(ctx, "DisableKey", ref, Disabled, 0)
 }
 
 // ScheduleKeyDeletion puts a key in PendingDeletion (7 to 30 days).
 func (k *KMS) ScheduleKeyDeletion(ctx context.Context, ref string, days int) error {
 	if days < 7 || days > 30 {
-		return kmsErr(ErrValidation, "PendingWindowInDays %d is not in 7..30", days)
+		err := kmsErr(ErrValidation, "PendingWindowInDays %d is not in 7..30", days)
+		k.record(ctx, "ScheduleKeyDeletion", "", nil, err)
+		return err
 	}
-	return k.setState("ScheduleKeyDeletion", ref, PendingDeletion)
+	return k.setState(ctx, "ScheduleKeyDeletion", ref, PendingDeletion, days)
 }
 
 // CancelKeyDeletion brings a key pending deletion back, Disabled.
 func (k *KMS) CancelKeyDeletion(ctx context.Context, ref string) error {
-	return k.setState("CancelKeyDeletion", ref, Disabled)
+	return k.setState(ctx, "CancelKeyDeletion", ref, Disabled, 0)
 }
 
 // EnableKeyRotation and DisableKeyRotation set the key's rotation flag.
@@ -328,7 +336,7 @@ func (k *KMS) EnableKeyRotation(ctx context.Context, ref string, on bool) error 
 	if !on {
 		op = "DisableKeyRotation"
 	}
-	k.record(op, arnOf(m), nil, err)
+	k.record(ctx, op, arnOf(m), nil, err)
 	return err
 }
 
@@ -355,7 +363,7 @@ func (k *KMS) RotateKey(ctx context.Context, ref string) error {
 		err = k.saveMeta()
 		k.mu.Unlock()
 	}
-	k.record("RotateKeyOnDemand", arnOf(m), nil, err)
+	k.record(ctx, "RotateKeyOnDemand", arnOf(m), nil, err)
 	return err
 }
 
@@ -377,7 +385,7 @@ func (k *KMS) GenerateDataKeyWithoutPlaintext(ctx context.Context, ref string, e
 // data key of n bytes (1 to 1024), as the API's NumberOfBytes.
 func (k *KMS) GenerateDataKeyWithoutPlaintextN(ctx context.Context, ref string, ectx map[string]string, n int) ([]byte, string, error) {
 	blob, arn, err := k.generate(ctx, ref, ectx, n)
-	k.record("GenerateDataKeyWithoutPlaintext", arn, ectx, err)
+	k.record(ctx, "GenerateDataKeyWithoutPlaintext", arn, ectx, err)
 	return blob, arn, err
 }
 
@@ -479,14 +487,14 @@ func (k *KMS) GenerateDataKey(ctx context.Context, ref string, ectx map[string]s
 		return err
 	})
 	err = internal(err)
-	k.record("GenerateDataKey", arn, ectx, err)
+	k.record(ctx, "GenerateDataKey", arn, ectx, err)
 	return blob, arn, err
 }
 
 // Encrypt encrypts up to 4 KiB of plaintext under a key.
 func (k *KMS) Encrypt(ctx context.Context, ref string, ectx map[string]string, plaintext []byte) ([]byte, string, error) {
 	blob, arn, err := k.wrap(ctx, ref, ectx, plaintext)
-	k.record("Encrypt", arn, ectx, err)
+	k.record(ctx, "Encrypt", arn, ectx, err)
 	return blob, arn, err
 }
 
@@ -504,7 +512,7 @@ func (k *KMS) ReEncrypt(ctx context.Context, blob []byte, srcCtx map[string]stri
 	if arn == "" {
 		arn = srcARN
 	}
-	k.record("ReEncrypt", arn, dstCtx, err)
+	k.record(ctx, "ReEncrypt", arn, dstCtx, err)
 	return out, arn, err
 }
 
@@ -519,7 +527,7 @@ func (k *KMS) Decrypt(ctx context.Context, blobBytes []byte, ectx map[string]str
 // DecryptN is Decrypt that also returns the plaintext's length.
 func (k *KMS) DecryptN(ctx context.Context, blobBytes []byte, ectx map[string]string, dst []byte) (int, string, error) {
 	n, arn, err := k.decrypt(ctx, blobBytes, ectx, dst)
-	k.record("Decrypt", arn, ectx, err)
+	k.record(ctx, "Decrypt", arn, ectx, err)
 	return n, arn, err
 }
 

@@ -1,0 +1,106 @@
+package kmsclient
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+
+	"github.com/hemd/hemd/kmsclient/awsjson"
+	"github.com/hemd/hemd/kmsclient/hsm"
+)
+
+// Config is the [kms] section of hemd's config file: the embedded or
+// configured PKCS#11 HSM, or a remote KMS (hemd kms serve) to use instead.
+type Config struct {
+	hsm.Config
+	// Endpoint of a remote KMS (http(s)://HOST:PORT or unix:PATH); empty
+	// means the PKCS#11 HSM (by default SoftHSM2 under the state dir).
+	Endpoint        string `toml:"endpoint"`
+	AccessKeyID     string `toml:"access_key_id"`
+	SecretAccessKey string `toml:"secret_access_key"`
+}
+
+// FromEnv returns c with the environment on top: HEMD_PKCS11_MODULE,
+// HEMD_PKCS11_TOKEN, HEMD_PKCS11_PIN, HEMD_KMS_ENDPOINT,
+// HEMD_KMS_ACCESS_KEY_ID and HEMD_KMS_SECRET_ACCESS_KEY.
+func (c Config) FromEnv() Config {
+	for _, e := range []struct {
+		name string
+		dst  *string
+	}{
+		{"HEMD_PKCS11_MODULE", &c.Module},
+		{"HEMD_PKCS11_TOKEN", &c.TokenLabel},
+		{"HEMD_PKCS11_PIN", &c.PIN},
+		{"HEMD_KMS_ENDPOINT", &c.Endpoint},
+		{"HEMD_KMS_ACCESS_KEY_ID", &c.AccessKeyID},
+		{"HEMD_KMS_SECRET_ACCESS_KEY", &c.SecretAccessKey},
+	} {
+		if v := os.Getenv(e.name); v != "" {
+			*e.dst = v
+		}
+	}
+	return c
+}
+
+// Open returns the KMS a host uses at attach time: the remote client when
+// cfg names an endpoint, else the PKCS#11 KMS (initialising the embedded
+// SoftHSM2 token under stateDir on first use). Close the io.Closer when done.
+// cfg is used as given; call cfg.FromEnv() first to honour the environment.
+func Open(ctx context.Context, cfg Config, stateDir string, log *slog.Logger) (DataKeys, io.Closer, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, nil, err
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Endpoint != "" {
+		log.Debug("kms: remote", "endpoint", cfg.Endpoint)
+		return awsjson.NewClient(cfg.Endpoint, cfg.Region, cfg.AccessKeyID, cfg.SecretAccessKey), io.NopCloser(nil), nil
+	}
+	k, err := hsm.Open(cfg.Config, stateDir)
+	if err != nil {
+		return nil, nil, err
+	}
+	log.Debug("kms: PKCS#11", "module", firstOf(cfg.Module, hsm.DefaultModule), "state_dir", stateDir)
+	return Local{k}, k, nil
+}
+
+// Local is the PKCS#11 KMS as a DataKeys (and a KMS).
+type Local struct{ *hsm.KMS }
+
+// CheckKey reports whether key exists and is Enabled, without unwrapping
+// anything (DescribeKey).
+func (l Local) CheckKey(ctx context.Context, key string) error {
+	m, err := l.DescribeKey(ctx, key)
+	if err != nil {
+		return err
+	}
+	if m.KeyState != hsm.Enabled {
+		return fmt.Errorf("KMS key %s is %s: %w", m.Arn, m.KeyState, stateErr(m.KeyState))
+	}
+	return nil
+}
+
+func stateErr(state string) error {
+	if state == hsm.Disabled {
+		return hsm.ErrDisabled
+	}
+	return hsm.ErrInvalidState
+}
+
+func firstOf(s ...string) string {
+	for _, v := range s {
+		if v != "" {
+			return v
+		}
+	}
+	return ""
+}
+
+var (
+	_ DataKeys = Local{}
+	_ KMS      = Local{}
+	_ DataKeys = (*awsjson.Client)(nil)
+)
