@@ -45,7 +45,7 @@ func keysCommand(ctx context.Context, g globalFlags, args []string, stdout, stde
 	if err := parse(fs, args, n, fmt.Sprintf("%d argument(s)\n%s", n, keysUsage)); err != nil {
 		return err
 	}
-	k, err := hsm.Open(kmsConfig(g), g.StateDir)
+	k, err := openHSM(g)
 	if err != nil {
 		return err
 	}

@@ -13,19 +13,14 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+	"github.com/hemd/hemd/kmsclient"
 	"github.com/hemd/hemd/kmsclient/awsjson"
-	"github.com/hemd/hemd/kmsclient/hsm"
 )
 
 // kmsSettings is the [kms] section: the embedded HSM's settings, a remote
 // KMS to use instead, and (for hemd kms serve) who may call.
 type kmsSettings struct {
-	hsm.Config
-	// Endpoint of a remote KMS (hemd kms serve, http(s)://HOST:PORT or
-	// unix:PATH); empty means the embedded HSM.
-	Endpoint        string `toml:"endpoint"`
-	AccessKeyID     string `toml:"access_key_id"`
-	SecretAccessKey string `toml:"secret_access_key"`
+	kmsclient.Config
 	// Principals may call hemd kms serve over TCP (SigV4).
 	Principals []awsjson.Principal `toml:"principal"`
 	// UnixUIDs may call hemd kms serve over a unix socket (default: root
@@ -60,7 +55,8 @@ func kmsCommand(ctx context.Context, g globalFlags, args []string, stdout, stder
 			g.StateDir = c.StateDir
 		}
 	}
-	k, err := hsm.Open(settings.Config, g.StateDir)
+	g.KMS = settings
+	k, err := openHSM(g)
 	if err != nil {
 		return err
 	}
