@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -233,31 +232,12 @@ func parse(fs *flag.FlagSet, args []string, n int, names string) error {
 	return fs.Parse(append([]string{"--"}, pos...))
 }
 
-// headerJSON is `hemd volume inspect --json`.
-type headerJSON struct {
-	VolumeID          string            `json:"volume_id"`
-	SizeBytes         uint64            `json:"size_bytes"`
-	BlockSize         uint32            `json:"block_size"`
-	DataUnitSize      uint32            `json:"data_unit_size"`
-	Cipher            string            `json:"cipher"`
-	DataOffset        uint64            `json:"data_offset"`
-	KeyID             string            `json:"key_id"`
-	EncryptionContext map[string]string `json:"encryption_context"`
-	WrappedDEK        string            `json:"wrapped_dek"`
-	ParentSnapshot    string            `json:"parent_snapshot"`
-	Created           time.Time         `json:"created"`
-}
-
 func printHeader(w io.Writer, h *volume.Header, asJSON bool) error {
-	j := headerJSON{
-		VolumeID: h.VolumeID, SizeBytes: h.SizeBytes, BlockSize: h.BlockSize, DataUnitSize: h.DataUnitSize,
-		Cipher: h.Cipher, DataOffset: h.DataOffset, KeyID: h.KeyID, EncryptionContext: h.EncryptionContext,
-		WrappedDEK: base64.StdEncoding.EncodeToString(h.WrappedDEK), ParentSnapshot: h.ParentSnapshot, Created: h.Created,
-	}
 	if asJSON {
+		// The header's own JSON is the inspect format (wrapped_dek in base64).
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
-		return enc.Encode(j)
+		return enc.Encode(h)
 	}
 	var ctx []string
 	for k, v := range h.EncryptionContext {
@@ -266,8 +246,8 @@ func printHeader(w io.Writer, h *volume.Header, asJSON bool) error {
 	fmt.Fprintf(w, "volume id:          %s\nsize:               %d bytes\nblock size:         %d\ndata unit size:     %d\n"+
 		"cipher:             %s\ndata offset:        %d\nkey id:             %s\nencryption context: %s\n"+
 		"wrapped data key:   %d bytes\nparent snapshot:    %s\ncreated:            %s\n",
-		j.VolumeID, j.SizeBytes, j.BlockSize, j.DataUnitSize, j.Cipher, j.DataOffset, j.KeyID,
-		strings.Join(ctx, ","), len(h.WrappedDEK), orNone(j.ParentSnapshot), j.Created.Format(time.RFC3339))
+		h.VolumeID, h.SizeBytes, h.BlockSize, h.DataUnitSize, h.Cipher, h.DataOffset, h.KeyID,
+		strings.Join(ctx, ","), len(h.WrappedDEK), orNone(h.ParentSnapshot), h.Created.Format(time.RFC3339))
 	return nil
 }
 

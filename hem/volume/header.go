@@ -57,7 +57,7 @@ type Header struct {
 	EncryptionContext map[string]string `json:"encryption_context"`
 	WrappedDEK        []byte            `json:"wrapped_dek"` // base64 in JSON
 	Created           time.Time         `json:"created"`
-	ParentSnapshot    string            `json:"parent_snapshot,omitempty"`
+	ParentSnapshot    string            `json:"parent_snapshot"`
 	// Seq orders header updates: the valid copy with the higher one wins.
 	Seq uint64 `json:"-"`
 }
