@@ -142,18 +142,11 @@ func buildGuest() (*Guest, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(cache, 0o755); err != nil {
-		return nil, err
-	}
-	// Several test binaries may build at once: one at a time.
-	lock, err := os.OpenFile(filepath.Join(cache, ".lock"), os.O_RDWR|os.O_CREATE, 0o644)
+	unlock, err := LockCache(cache)
 	if err != nil {
 		return nil, err
 	}
-	defer lock.Close()
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
-		return nil, err
-	}
+	defer unlock()
 	kpkg, kver, err := kernelPackage()
 	if err != nil {
 		return nil, err
@@ -251,6 +244,24 @@ func buildGuest() (*Guest, error) {
 		return nil, err
 	}
 	return g, nil
+}
+
+// LockCache creates the cache directory dir and locks it: several test
+// binaries may build guests at once, one at a time. Call the returned
+// function to unlock.
+func LockCache(dir string) (func(), error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
+		lock.Close()
+		return nil, err
+	}
+	return func() { lock.Close() }, nil
 }
 
 func sanitize(s string) string {

@@ -229,30 +229,25 @@ func (k *KMS) ListKeys(ctx context.Context) []KeyMetadata {
 
 // CreateAlias points alias/NAME at a key.
 func (k *KMS) CreateAlias(ctx context.Context, alias, ref string) error {
-	k.mu.Lock()
-	defer k.mu.Unlock()
 	if !regexp.MustCompile(`^alias/[a-zA-Z0-9/_-]+$`).MatchString(alias) || strings.HasPrefix(alias, "alias/aws/") {
 		return kmsErr(ErrValidation, "alias name %q is not valid", alias)
 	}
-	if _, ok := k.aliases[alias]; ok {
-		return kmsErr(ErrAlreadyExists, "alias %s already exists", alias)
-	}
-	m, err := k.resolve(ref)
-	if err != nil {
-		return err
-	}
-	k.aliases[alias] = m.KeyID
-	return k.saveMeta()
+	return k.addAlias(alias, ref)
 }
 
 // CreateReservedAlias creates an alias in the reserved alias/aws/ space, as
 // AWS does for its managed default keys (alias/aws/ebs).
 func (k *KMS) CreateReservedAlias(ctx context.Context, alias, ref string) error {
-	k.mu.Lock()
-	defer k.mu.Unlock()
 	if !strings.HasPrefix(alias, "alias/aws/") {
 		return kmsErr(ErrValidation, "%s is not a reserved alias", alias)
 	}
+	return k.addAlias(alias, ref)
+}
+
+// addAlias records a checked alias name for a key.
+func (k *KMS) addAlias(alias, ref string) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
 	if _, ok := k.aliases[alias]; ok {
 		return kmsErr(ErrAlreadyExists, "alias %s already exists", alias)
 	}

@@ -204,17 +204,11 @@ func build(logf func(string, ...any)) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(cache, 0o755); err != nil {
-		return nil, err
-	}
-	lock, err := os.OpenFile(filepath.Join(cache, ".lock"), os.O_RDWR|os.O_CREATE, 0o644)
+	unlock, err := vmtest.LockCache(cache)
 	if err != nil {
 		return nil, err
 	}
-	defer lock.Close()
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
-		return nil, err
-	}
+	defer unlock()
 	key, err := cacheKey()
 	if err != nil {
 		return nil, err
