@@ -25,13 +25,15 @@ type Disk struct {
 
 // vmConfig is what the options set.
 type vmConfig struct {
-	mem      int // MiB
-	smp      int
-	disks    []Disk
-	script   string
-	reboot   bool // let the guest reboot inside the same QEMU
-	timeout  time.Duration
-	extraArg []string
+	mem       int // MiB
+	smp       int
+	disks     []Disk
+	script    string
+	reboot    bool // let the guest reboot inside the same QEMU
+	timeout   time.Duration
+	extraArg  []string
+	incoming  string // -incoming URI
+	reconnect bool   // vhost-user chardevs reconnect to a back-end that comes back
 }
 
 // Option configures a VM.
@@ -52,6 +54,24 @@ func WithSMP(n int) Option { return func(c *vmConfig) { c.smp = n } }
 // and re-initialised by the guest), instead of QEMU exiting.
 func WithReboot() Option { return func(c *vmConfig) { c.reboot = true } }
 
+// WithMem sets the guest's memory in MiB (default 512).
+func WithMem(mib int) Option { return func(c *vmConfig) { c.mem = mib } }
+
+// WithIncoming starts QEMU waiting for an incoming migration on uri
+// ("tcp:127.0.0.1:PORT", or "defer" for a later QMP MigrateIncoming). The
+// destination needs the source's device configuration (same options), with
+// its own disk sockets.
+func WithIncoming(uri string) Option { return func(c *vmConfig) { c.incoming = uri } }
+
+// WithReconnect makes each vhost-user chardev reconnect (every second) when
+// its back-end goes away, so a restarted back-end is attached again.
+func WithReconnect() Option { return func(c *vmConfig) { c.reconnect = true } }
+
+// WithArgs appends extra QEMU arguments.
+func WithArgs(args ...string) Option {
+	return func(c *vmConfig) { c.extraArg = append(c.extraArg, args...) }
+}
+
 // WithTimeout bounds the VM's whole run.
 func WithTimeout(d time.Duration) Option { return func(c *vmConfig) { c.timeout = d } }
 
@@ -68,6 +88,9 @@ type VM struct {
 	start    time.Time
 	timer    *time.Timer
 	timedOut atomic.Bool
+	qmpPath  string
+	qmpMu    sync.Mutex
+	qmp      *QMP
 }
 
 // Start boots the guest with the options, streaming its console into the
@@ -105,14 +128,23 @@ func Boot(g *Guest, logf func(string, ...any), dir string, opts ...Option) (*VM,
 	if !c.reboot {
 		args = append(args, "-no-reboot")
 	}
+	qmpPath := filepath.Join(dir, "qmp.sock")
+	args = append(args, "-qmp", "unix:"+qmpPath+",server=on,wait=off")
+	if c.incoming != "" {
+		args = append(args, "-incoming", c.incoming)
+	}
+	reconnect := ""
+	if c.reconnect {
+		reconnect = ",reconnect=1"
+	}
 	for i, d := range c.disks {
 		args = append(args,
-			"-chardev", fmt.Sprintf("socket,id=c%d,path=%s", i, d.Socket),
+			"-chardev", fmt.Sprintf("socket,id=c%d,path=%s%s", i, d.Socket, reconnect),
 			"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=c%d,num-queues=%d", i, d.Queues))
 	}
 	args = append(args, c.extraArg...)
 	logf("vmtest: qemu-system-x86_64 %s", strings.Join(args, " "))
-	vm := &VM{logf: logf, changed: make(chan struct{}, 1), exited: make(chan struct{}), start: time.Now()}
+	vm := &VM{logf: logf, changed: make(chan struct{}, 1), exited: make(chan struct{}), start: time.Now(), qmpPath: qmpPath}
 	vm.cmd = exec.Command("qemu-system-x86_64", args...)
 	out, err := vm.cmd.StdoutPipe()
 	if err != nil {
@@ -135,6 +167,7 @@ func (vm *VM) Kill() {
 	vm.timer.Stop()
 	vm.cmd.Process.Kill()
 	<-vm.exited
+	vm.closeQMP()
 }
 
 func defaultTimeout() time.Duration {

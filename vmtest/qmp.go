@@ -1,0 +1,328 @@
+package vmtest
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/digitalocean/go-qemu/qmp"
+)
+
+// QMP is a connection to a VM's QEMU monitor (every VM has one, on a unix
+// socket in its directory). Events are buffered from the moment it connects,
+// so WaitEvent sees an event that arrived before it was called.
+type QMP struct {
+	mon *qmp.SocketMonitor
+	// Timeout bounds each command (QEMU can block a command, e.g. stop,
+	// while a vhost-user back-end does not answer). Default 60 s.
+	Timeout time.Duration
+
+	mu      sync.Mutex
+	events  []qmp.Event
+	taken   []bool // events[i] was returned by a WaitEvent
+	changed chan struct{}
+	done    chan struct{} // closed when the event stream ends
+}
+
+// DialQMP connects to the QMP socket at path and starts its event stream.
+func DialQMP(path string) (*QMP, error) {
+	mon, err := qmp.NewSocketMonitor("unix", path, 5*time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("qmp: dial %s: %w", path, err)
+	}
+	if err := mon.Connect(); err != nil {
+		return nil, fmt.Errorf("qmp: handshake on %s: %w", path, err)
+	}
+	ev, err := mon.Events(context.Background())
+	if err != nil {
+		mon.Disconnect()
+		return nil, fmt.Errorf("qmp: events: %w", err)
+	}
+	q := &QMP{mon: mon, Timeout: time.Minute, changed: make(chan struct{}, 1), done: make(chan struct{})}
+	// The monitor's reader blocks on an unread event, which would also
+	// block command replies: drain the stream all the time.
+	go func() {
+		defer close(q.done)
+		for e := range ev {
+			q.mu.Lock()
+			q.events = append(q.events, e)
+			q.taken = append(q.taken, false)
+			q.mu.Unlock()
+			select {
+			case q.changed <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	return q, nil
+}
+
+// Close ends the connection.
+func (q *QMP) Close() error {
+	err := q.mon.Disconnect()
+	<-q.done
+	return err
+}
+
+// Execute runs command with args (nil or a JSON-marshalable value) and
+// decodes its "return" into ret (may be nil). ctx and q.Timeout bound the
+// wait for the reply.
+func (q *QMP) Execute(ctx context.Context, command string, args, ret any) error {
+	cmd, err := json.Marshal(qmp.Command{Execute: command, Args: args})
+	if err != nil {
+		return fmt.Errorf("qmp %s: %w", command, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, q.Timeout)
+	defer cancel()
+	type reply struct {
+		b   []byte
+		err error
+	}
+	ch := make(chan reply, 1)
+	go func() {
+		b, err := q.mon.Run(cmd)
+		ch <- reply{b, err}
+	}()
+	var r reply
+	select {
+	case r = <-ch:
+	case <-ctx.Done():
+		return fmt.Errorf("qmp %s: no reply: %w", command, ctx.Err())
+	}
+	if r.err != nil {
+		return fmt.Errorf("qmp %s: %w", command, r.err)
+	}
+	if ret == nil {
+		return nil
+	}
+	var resp struct {
+		Return json.RawMessage `json:"return"`
+	}
+	if err := json.Unmarshal(r.b, &resp); err != nil {
+		return fmt.Errorf("qmp %s: reply: %w", command, err)
+	}
+	if err := json.Unmarshal(resp.Return, ret); err != nil {
+		return fmt.Errorf("qmp %s: reply %s: %w", command, resp.Return, err)
+	}
+	return nil
+}
+
+func (q *QMP) run(command string, args any) error {
+	return q.Execute(context.Background(), command, args, nil)
+}
+
+// Status is the VM's run state from query-status: "running", "paused",
+// "inmigrate", "postmigrate", "shutdown", ...
+func (q *QMP) Status() (string, error) {
+	var st struct {
+		Status string `json:"status"`
+	}
+	if err := q.Execute(context.Background(), "query-status", nil, &st); err != nil {
+		return "", err
+	}
+	return st.Status, nil
+}
+
+// Stop pauses the VM (QEMU stops its vhost-user devices).
+func (q *QMP) Stop() error { return q.run("stop", nil) }
+
+// Cont resumes a paused VM.
+func (q *QMP) Cont() error { return q.run("cont", nil) }
+
+// SystemReset resets the machine; with WithReboot the guest boots again in
+// the same QEMU.
+func (q *QMP) SystemReset() error { return q.run("system_reset", nil) }
+
+// Quit makes QEMU exit.
+func (q *QMP) Quit() error { return q.run("quit", nil) }
+
+// Migrate starts an outgoing migration to uri ("tcp:127.0.0.1:PORT").
+func (q *QMP) Migrate(uri string) error {
+	return q.run("migrate", map[string]any{"uri": uri})
+}
+
+// MigrateIncoming starts listening on uri in a VM started WithIncoming("defer").
+func (q *QMP) MigrateIncoming(uri string) error {
+	return q.run("migrate-incoming", map[string]any{"uri": uri})
+}
+
+// MigrateCancel cancels the outgoing migration.
+func (q *QMP) MigrateCancel() error { return q.run("migrate_cancel", nil) }
+
+// SetMigrateParameters sets migration parameters, e.g.
+// {"max-bandwidth": 1<<30, "downtime-limit": 300}.
+func (q *QMP) SetMigrateParameters(p map[string]any) error {
+	return q.run("migrate-set-parameters", p)
+}
+
+// SetMigrateCapabilities sets migration capabilities, e.g. {"events": true}
+// (QEMU then sends MIGRATION events with data {"status": ...}). It must be
+// set on both sides.
+func (q *QMP) SetMigrateCapabilities(caps map[string]bool) error {
+	var list []map[string]any
+	for name, on := range caps {
+		list = append(list, map[string]any{"capability": name, "state": on})
+	}
+	return q.run("migrate-set-capabilities", map[string]any{"capabilities": list})
+}
+
+// MigrationInfo is query-migrate's reply; Raw holds all of it.
+type MigrationInfo struct {
+	Status    string         `json:"status"` // "none", "setup", "active", "device", "completed", "failed", "cancelled", ...
+	TotalTime int64          `json:"total-time"`
+	Downtime  int64          `json:"downtime"`
+	ErrorDesc string         `json:"error-desc"`
+	RAM       map[string]any `json:"ram"`
+	Raw       map[string]any `json:"-"`
+}
+
+// QueryMigrate returns the migration's status and details.
+func (q *QMP) QueryMigrate() (string, MigrationInfo, error) {
+	var raw json.RawMessage
+	if err := q.Execute(context.Background(), "query-migrate", nil, &raw); err != nil {
+		return "", MigrationInfo{}, err
+	}
+	var mi MigrationInfo
+	if err := json.Unmarshal(raw, &mi); err != nil {
+		return "", mi, fmt.Errorf("qmp query-migrate: %w", err)
+	}
+	if err := json.Unmarshal(raw, &mi.Raw); err != nil {
+		return "", mi, fmt.Errorf("qmp query-migrate: %w", err)
+	}
+	if mi.Status == "" {
+		mi.Status = "none"
+	}
+	return mi.Status, mi, nil
+}
+
+// WaitMigration polls query-migrate until the migration completed (nil) or
+// failed or was cancelled (an error with QEMU's description).
+func (q *QMP) WaitMigration(ctx context.Context) (MigrationInfo, error) {
+	for {
+		st, mi, err := q.QueryMigrate()
+		if err != nil {
+			return mi, err
+		}
+		switch st {
+		case "completed":
+			return mi, nil
+		case "failed", "cancelled":
+			return mi, fmt.Errorf("migration %s: %s", st, mi.ErrorDesc)
+		}
+		select {
+		case <-ctx.Done():
+			return mi, fmt.Errorf("migration still %s: %w", st, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// WaitEvent returns the oldest event called name (e.g. "STOP", "RESUME",
+// "RESET", "MIGRATION") that no earlier WaitEvent returned, waiting for it
+// if none has arrived yet.
+func (q *QMP) WaitEvent(ctx context.Context, name string) (qmp.Event, error) {
+	return q.WaitEventMatch(ctx, name, nil)
+}
+
+// WaitEventMatch is WaitEvent for an event that also satisfies match, e.g.
+// a MIGRATION event whose data status is "completed".
+func (q *QMP) WaitEventMatch(ctx context.Context, name string, match func(qmp.Event) bool) (qmp.Event, error) {
+	for {
+		q.mu.Lock()
+		for i, e := range q.events {
+			if !q.taken[i] && e.Event == name && (match == nil || match(e)) {
+				q.taken[i] = true
+				q.mu.Unlock()
+				return e, nil
+			}
+		}
+		q.mu.Unlock()
+		select {
+		case <-q.changed:
+		case <-q.done:
+			// The stream ended: look once more at what arrived before.
+			q.mu.Lock()
+			for i, e := range q.events {
+				if !q.taken[i] && e.Event == name && (match == nil || match(e)) {
+					q.taken[i] = true
+					q.mu.Unlock()
+					return e, nil
+				}
+			}
+			q.mu.Unlock()
+			return qmp.Event{}, fmt.Errorf("qmp: connection closed before event %s", name)
+		case <-ctx.Done():
+			return qmp.Event{}, fmt.Errorf("qmp: waiting for event %s: %w", name, ctx.Err())
+		}
+	}
+}
+
+// Events returns every event received so far, oldest first.
+func (q *QMP) Events() []qmp.Event {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return append([]qmp.Event(nil), q.events...)
+}
+
+// QMP returns the VM's monitor connection, connecting on first use (QEMU
+// serves one connection at a time, so there is one per VM). It is closed
+// when the VM is killed.
+func (vm *VM) QMP() (*QMP, error) {
+	vm.qmpMu.Lock()
+	defer vm.qmpMu.Unlock()
+	if vm.qmp != nil {
+		return vm.qmp, nil
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		q, err := DialQMP(vm.qmpPath)
+		if err == nil {
+			vm.qmp = q
+			return q, nil
+		}
+		select {
+		case <-vm.exited:
+			return nil, fmt.Errorf("QEMU exited before its monitor answered: %w", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			return nil, err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// QMPT is QMP for tests: it fails the test on error.
+func (vm *VM) QMPT() *QMP {
+	vm.t.Helper()
+	q, err := vm.QMP()
+	if err != nil {
+		vm.t.Fatalf("vmtest: %v", err)
+	}
+	return q
+}
+
+func (vm *VM) closeQMP() {
+	vm.qmpMu.Lock()
+	defer vm.qmpMu.Unlock()
+	if vm.qmp != nil {
+		vm.qmp.Close()
+		vm.qmp = nil
+	}
+}
+
+// FreeTCPAddr returns a 127.0.0.1:PORT nobody listens on now, for a
+// migration's "tcp:" URI.
+func FreeTCPAddr(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("vmtest: %v", err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
