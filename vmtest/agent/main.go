@@ -1,9 +1,18 @@
 // Command agent runs inside the VM tests' guests (a static binary in the
 // initramfs) and does the byte work busybox cannot: it writes and verifies
 // the test pattern over a whole disk with O_DIRECT, from several goroutines
-// so that several virtqueues carry I/O. It prints one result line:
+// so that several virtqueues carry I/O, and it soaks a region of the disk
+// with generation-tagged writes and read-backs (soak.go). It prints one
+// result line:
 //
 //	HEMD-RESULT ok <what> ...   or   HEMD-RESULT fail <what> <why>
+//
+// Usage:
+//
+//	agent pattern write|verify DEVICE SEED [WORKERS [OFFSET LENGTH]]
+//	agent soak DEVICE SECONDS WORKERS OFFSET LENGTH SEED
+//	agent marker DEVICE OFFSET TEXT
+//	agent find DEVICE TEXT
 package main
 
 import (
@@ -43,8 +52,12 @@ func main() {
 		fmt.Println(off)
 		return
 	}
-	if len(os.Args) < 5 || os.Args[1] != "pattern" {
-		fmt.Println("usage: agent pattern write|verify DEVICE SEED [WORKERS] | agent marker DEVICE OFFSET TEXT")
+	if len(os.Args) == 8 && os.Args[1] == "soak" {
+		os.Exit(soakMain(os.Args[2:]))
+	}
+	if len(os.Args) < 5 || len(os.Args) == 7 || len(os.Args) > 8 || os.Args[1] != "pattern" {
+		fmt.Println("usage: agent pattern write|verify DEVICE SEED [WORKERS [OFFSET LENGTH]] | " +
+			"agent soak DEVICE SECONDS WORKERS OFFSET LENGTH SEED | agent marker DEVICE OFFSET TEXT | agent find DEVICE TEXT")
 		os.Exit(2)
 	}
 	op, dev := os.Args[2], os.Args[3]
@@ -53,7 +66,16 @@ func main() {
 	if len(os.Args) > 5 {
 		workers, _ = strconv.Atoi(os.Args[5])
 	}
-	n, err := run(op, dev, seed, workers)
+	var start, length int64 = 0, -1 // the whole disk
+	if len(os.Args) == 8 {
+		start, _ = strconv.ParseInt(os.Args[6], 10, 64)
+		length, _ = strconv.ParseInt(os.Args[7], 10, 64)
+		if start < 0 || length <= 0 || start%4096 != 0 || length%4096 != 0 {
+			fmt.Printf("HEMD-RESULT fail pattern-%s offset %d length %d: not 4 KiB aligned\n", op, start, length)
+			os.Exit(1)
+		}
+	}
+	n, err := run(op, dev, seed, workers, start, length)
 	if err != nil {
 		fmt.Printf("HEMD-RESULT fail pattern-%s %v\n", op, err)
 		os.Exit(1)
@@ -68,7 +90,9 @@ func alignedBuf() []byte {
 	return b[off : off+chunk]
 }
 
-func run(op, dev string, seed uint64, workers int) (int64, error) {
+// run writes or verifies the pattern over [start, start+length) of dev
+// (length -1: to the end) and returns the bytes done.
+func run(op, dev string, seed uint64, workers int, start, length int64) (int64, error) {
 	flag := os.O_RDONLY
 	if op == "write" {
 		flag = os.O_WRONLY
@@ -78,10 +102,17 @@ func run(op, dev string, seed uint64, workers int) (int64, error) {
 		return 0, err
 	}
 	defer f.Close()
-	size, err := f.Seek(0, 2)
+	end, err := f.Seek(0, 2)
 	if err != nil {
 		return 0, err
 	}
+	if length >= 0 {
+		if start+length > end {
+			return 0, fmt.Errorf("range %d+%d is past the disk's end %d", start, length, end)
+		}
+		end = start + length
+	}
+	size := end - start
 	chunks := (size + chunk - 1) / chunk
 	var wg sync.WaitGroup
 	errs := make(chan error, workers)
@@ -91,8 +122,8 @@ func run(op, dev string, seed uint64, workers int) (int64, error) {
 			defer wg.Done()
 			buf := alignedBuf()
 			for c := int64(w); c < chunks; c += int64(workers) {
-				off := c * chunk
-				n := min(int64(chunk), size-off)
+				off := start + c*chunk
+				n := min(int64(chunk), end-off)
 				b := buf[:n]
 				if op == "write" {
 					pattern.Fill(b, uint64(off), seed)
