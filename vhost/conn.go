@@ -80,13 +80,22 @@ func parseFds(oob []byte) ([]int, error) {
 }
 
 // reply sends the reply to req with payload p.
-func (c *conn) reply(req Request, p []byte) error {
+func (c *conn) reply(req Request, p []byte) error { return c.replyFds(req, p, nil) }
+
+// replyFds sends the reply to req with payload p and fds in its ancillary
+// data.
+func (c *conn) replyFds(req Request, p []byte, fds []int) error {
 	b := make([]byte, headerSize+len(p))
 	binary.LittleEndian.PutUint32(b[0:], uint32(req))
 	binary.LittleEndian.PutUint32(b[4:], flagVersion|flagReply)
 	binary.LittleEndian.PutUint32(b[8:], uint32(len(p)))
 	copy(b[headerSize:], p)
-	_, err := c.c.Write(b)
+	var err error
+	if len(fds) > 0 {
+		_, _, err = c.c.WriteMsgUnix(b, unix.UnixRights(fds...), nil)
+	} else {
+		_, err = c.c.Write(b)
+	}
 	if err != nil {
 		return fmt.Errorf("reply to %s: %w", req, err)
 	}

@@ -206,6 +206,10 @@ var rules = map[Request]rule{
 	ReqGetMaxMemSlots:      {size: 0},
 	ReqAddMemReg:           {size: 8 + regionSize, minFds: 1, maxFds: 1},
 	ReqRemMemReg:           {size: 8 + regionSize, maxFds: 1},
+	ReqSetLogBase:          {size: 16, minFds: 1, maxFds: 1},
+	ReqSetLogFd:            {size: 0, variable: true, maxFds: 1},
+	ReqGetInflightFd:       {size: inflightMinMsg, variable: true},
+	ReqSetInflightFd:       {size: inflightMinMsg, variable: true, minFds: 1, maxFds: 1},
 }
 
 // check validates a message's size and fd count against its request's rule.

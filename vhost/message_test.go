@@ -117,7 +117,23 @@ func TestMessageErrors(t *testing.T) {
 		steps []step
 	}{
 		{"unknown request", []step{{m: func(*testing.T) *message { return msg(99, nil) }, want: ErrUnknownRequest}}},
-		{"log base not offered", []step{{m: func(*testing.T) *message { return msg(ReqSetLogBase, le64(0, 0)) }, want: ErrUnknownRequest}}},
+		{"log base no fd", []step{owner, {m: func(*testing.T) *message { return msg(ReqSetLogBase, le64(4096, 0)) }, want: ErrFdCount}}},
+		{"log base not negotiated", []step{owner, {m: func(t *testing.T) *message { return msg(ReqSetLogBase, le64(4096, 0), memfd(t, mb)) }, want: ErrUnknownRequest}}},
+		{"log base zero size", []step{owner, ok(ReqSetProtocolFeatures, le64(ProtoLogShmfd)),
+			{m: func(t *testing.T) *message { return msg(ReqSetLogBase, le64(0, 0), memfd(t, mb)) }, want: ErrPayloadSize}}},
+		{"inflight not negotiated", []step{owner, {m: func(*testing.T) *message { return msg(ReqGetInflightFd, make([]byte, 24)) }, want: ErrUnknownRequest}}},
+		{"inflight short", []step{owner, ok(ReqSetProtocolFeatures, le64(ProtoInflightShmfd)),
+			{m: func(*testing.T) *message { return msg(ReqGetInflightFd, make([]byte, 16)) }, want: ErrPayloadSize}}},
+		{"inflight too many queues", []step{owner, ok(ReqSetProtocolFeatures, le64(ProtoInflightShmfd)),
+			{m: func(*testing.T) *message { return msg(ReqGetInflightFd, append(le64(0, 0), le32(9<<16|128)...)) }, want: ErrInflight}}},
+		{"inflight queue size not power of 2", []step{owner, ok(ReqSetProtocolFeatures, le64(ProtoInflightShmfd)),
+			{m: func(*testing.T) *message { return msg(ReqGetInflightFd, append(le64(0, 0), le32(100<<16|1)...)) }, want: ErrInflight}}},
+		{"set inflight region too small", []step{owner, ok(ReqSetProtocolFeatures, le64(ProtoInflightShmfd)),
+			{m: func(t *testing.T) *message {
+				return msg(ReqSetInflightFd, append(le64(1024, 0), le32(128<<16|1)...), memfd(t, mb))
+			}, want: ErrInflight}}},
+		{"set inflight no fd", []step{owner, ok(ReqSetProtocolFeatures, le64(ProtoInflightShmfd)),
+			{m: func(*testing.T) *message { return msg(ReqSetInflightFd, append(le64(mb, 0), le32(128<<16|1)...)) }, want: ErrFdCount}}},
 		{"set features short", []step{{m: func(*testing.T) *message { return msg(ReqSetFeatures, le32(1)) }, want: ErrPayloadSize}}},
 		{"set features not offered", []step{{m: func(*testing.T) *message { return msg(ReqSetFeatures, le64(1<<40)) }, want: ErrFeatures}}},
 		{"protocol features not offered", []step{{m: func(*testing.T) *message { return msg(ReqSetProtocolFeatures, le64(1<<16)) }, want: ErrFeatures}}},

@@ -24,7 +24,20 @@ const pollIntervalMs = 1
 // every completion until the end.
 const batchLimit = 64
 
-func startRunner(idx int, q *virtq.Queue, h Handler, kick, call int, log *slog.Logger, fatal func(error)) (*runner, error) {
+// ringIO is what a runner needs besides its queue: the notification fds,
+// the dirty log and the inflight tracker.
+type ringIO struct {
+	idx      int
+	kick     int // -1: polling
+	call     int // -1: none
+	dlog     *dirtyLog
+	logUsed  bool   // VHOST_VRING_F_LOG: mark the used ring too
+	usedGPA  uint64 // log address of the used ring
+	inflight *inflightQueue
+	resubmit []uint16 // heads to serve again first, oldest first
+}
+
+func startRunner(q *virtq.Queue, h Handler, io ringIO, log *slog.Logger, fatal func(error)) (*runner, error) {
 	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
 		return nil, fmt.Errorf("eventfd: %w", err)
@@ -33,10 +46,10 @@ func startRunner(idx int, q *virtq.Queue, h Handler, kick, call int, log *slog.L
 	go func() {
 		defer close(r.done)
 		var err error
-		shielded(func() { err = r.loop(q, h, kick, call) })
+		shielded(func() { err = r.loop(q, h, &io) })
 		if err != nil {
-			log.Error("queue stopped: ring corrupt", "queue", idx, "err", err)
-			fatal(fmt.Errorf("queue %d: %w", idx, err))
+			log.Error("queue stopped: ring corrupt", "queue", io.idx, "err", err)
+			fatal(fmt.Errorf("queue %d: %w", io.idx, err))
 		}
 	}()
 	return r, nil
@@ -49,14 +62,27 @@ func (r *runner) stopAndWait() {
 	unix.Close(r.stop)
 }
 
-func (r *runner) loop(q *virtq.Queue, h Handler, kick, call int) error {
+func (r *runner) loop(q *virtq.Queue, h Handler, io *ringIO) error {
 	var chain virtq.Chain
 	chain.Segs = make([]virtq.Seg, 0, q.Size())
+	kick := io.kick
 	fds := []unix.PollFd{{Fd: int32(r.stop), Events: unix.POLLIN}, {Fd: int32(kick), Events: unix.POLLIN}}
 	timeout := -1
 	if kick < 0 {
 		fds = fds[:1]
 		timeout = pollIntervalMs
+	}
+	// Requests a previous back-end took and never completed come first, in
+	// the order it took them.
+	for _, head := range io.resubmit {
+		if err := q.ChainAt(head, &chain); err != nil {
+			return err
+		}
+		r.serve(q, h, io, &chain)
+	}
+	if len(io.resubmit) > 0 {
+		r.publish(q, io)
+		io.resubmit = nil
 	}
 	var buf [8]byte
 	for {
@@ -73,17 +99,21 @@ func (r *runner) loop(q *virtq.Queue, h Handler, kick, call int) error {
 				if !ok {
 					break
 				}
-				q.Push(chain.Head, h.Handle(&chain))
+				if io.inflight != nil {
+					io.inflight.take(chain.Head)
+				}
+				r.serve(q, h, io, &chain)
 				if n++; n == batchLimit {
-					r.publish(q, call)
+					r.publish(q, io)
 					n = 0
 				}
 			}
-			r.publish(q, call)
+			r.publish(q, io)
 			more, err := q.EnableNotify()
 			if err != nil {
 				return err
 			}
+			io.markUsed(q)
 			if !more {
 				break
 			}
@@ -110,10 +140,41 @@ func (r *runner) loop(q *virtq.Queue, h Handler, kick, call int) error {
 	}
 }
 
-func (r *runner) publish(q *virtq.Queue, call int) {
+// serve handles one chain and puts it on the used ring (unpublished). While
+// migration logs dirty pages, every device-writable buffer of the chain is
+// marked after the handler wrote it.
+func (r *runner) serve(q *virtq.Queue, h Handler, io *ringIO, c *virtq.Chain) {
+	written := h.Handle(c)
+	if io.dlog != nil && io.dlog.on.Load() {
+		for i := range c.Segs {
+			if s := &c.Segs[i]; s.Write {
+				io.dlog.mark(s.Addr, uint64(s.Len))
+			}
+		}
+	}
+	q.Push(c.Head, written)
+	if io.inflight != nil {
+		io.inflight.pushed(c.Head)
+	}
+}
+
+// publish makes the pushed chains visible, records that they are no longer
+// in flight, and notifies the driver if it asked.
+func (r *runner) publish(q *virtq.Queue, io *ringIO) {
 	q.Publish()
-	if q.NeedNotify() && call >= 0 {
+	io.markUsed(q)
+	if io.inflight != nil {
+		io.inflight.published(q.UsedIdx())
+	}
+	if q.NeedNotify() && io.call >= 0 {
 		var one = [8]byte{1}
-		_, _ = unix.Write(call, one[:])
+		_, _ = unix.Write(io.call, one[:])
+	}
+}
+
+// markUsed marks the used ring dirty while migration logs it.
+func (io *ringIO) markUsed(q *virtq.Queue) {
+	if io.logUsed && io.dlog != nil && io.dlog.on.Load() {
+		io.dlog.mark(io.usedGPA, q.UsedBytes())
 	}
 }

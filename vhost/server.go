@@ -6,6 +6,7 @@ package vhost
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -63,6 +64,9 @@ type Server struct {
 	Log    *slog.Logger
 	// Sessions counts front-end connections served so far.
 	Sessions atomic.Int64
+	// Resubmitted counts requests served again after a restart: taken by a
+	// previous back-end process, never completed (inflight tracking).
+	Resubmitted atomic.Int64
 }
 
 // Serve accepts front-ends until ctx is done. A second front-end that connects
@@ -114,7 +118,9 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 			n := s.Sessions.Add(1)
 			sl := log.With("session", n)
 			sl.Info("front-end connected")
-			err := newSession(s.Device, uc, sl).serve(ctx)
+			ss := newSession(s.Device, uc, sl)
+			ss.resubmitted = &s.Resubmitted
+			err := ss.serve(ctx)
 			if err != nil && ctx.Err() == nil {
 				sl.Warn("front-end session ended", "err", err)
 			} else {
@@ -135,7 +141,8 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 const handoverWait = 3 * time.Second
 
 // protocolFeatures are the vhost-user protocol features offered.
-const protocolFeatures = ProtoMQ | ProtoReplyAck | ProtoConfig | ProtoConfigureMemSlots | ProtoResetDevice
+const protocolFeatures = ProtoMQ | ProtoLogShmfd | ProtoReplyAck | ProtoConfig |
+	ProtoInflightShmfd | ProtoResetDevice | ProtoConfigureMemSlots
 
 // vring is the back-end's state of one queue.
 type vring struct {
@@ -150,6 +157,10 @@ type vring struct {
 	enabled bool
 	q       *virtq.Queue // live ring state while started
 	run     *runner
+	// iq tracks the ring's requests in the inflight region; resubmit holds
+	// what a previous back-end left in flight, served first at start.
+	iq       *inflightQueue
+	resubmit []uint16
 }
 
 // session is one front-end connection. Its fields are touched only by the
@@ -170,6 +181,10 @@ type session struct {
 	started  bool // Device.Start succeeded
 	checked  bool // Checker.Check passed
 	fatal    chan error
+	dlog     dirtyLog
+	inflight *inflightArea
+	// resubmitted counts requests served again (Server.Resubmitted).
+	resubmitted *atomic.Int64
 }
 
 func newSession(dev Device, c *net.UnixConn, log *slog.Logger) *session {
@@ -178,8 +193,10 @@ func newSession(dev Device, c *net.UnixConn, log *slog.Logger) *session {
 		c:       newConn(c),
 		raw:     c,
 		log:     log,
-		offered: dev.Features() | FeatProtocolFeatures,
+		offered: dev.Features() | FeatProtocolFeatures | FeatLogAll,
 		fatal:   make(chan error, 1),
+
+		resubmitted: new(atomic.Int64),
 	}
 	s.rings = make([]*vring, dev.MaxQueues())
 	for i := range s.rings {
@@ -250,7 +267,7 @@ func (s *session) handle(m *message) error {
 func hasReply(r Request) bool {
 	switch r {
 	case ReqGetFeatures, ReqGetProtocolFeatures, ReqGetVringBase, ReqGetQueueNum,
-		ReqGetConfig, ReqGetMaxMemSlots, ReqGetInflightFd, ReqGetStatus:
+		ReqGetConfig, ReqGetMaxMemSlots, ReqGetInflightFd, ReqGetStatus, ReqSetLogBase:
 		return true
 	}
 	return false
@@ -273,6 +290,7 @@ func (s *session) dispatch(m *message) ([]byte, error) {
 			return nil, fmt.Errorf("%w: %#x", ErrFeatures, f&^s.offered)
 		}
 		s.features = f
+		s.dlog.setLogAll(f&FeatLogAll != 0)
 		return nil, nil
 	case ReqGetProtocolFeatures:
 		return u64(protocolFeatures), nil
@@ -343,6 +361,24 @@ func (s *session) dispatch(m *message) ([]byte, error) {
 			return nil, err
 		}
 		return nil, s.swapMem(t, unmap)
+	case ReqSetLogBase:
+		if s.proto&ProtoLogShmfd == 0 {
+			return nil, fmt.Errorf("%w: LOG_SHMFD not negotiated", ErrUnknownRequest)
+		}
+		size, off := m.u64(), binary.LittleEndian.Uint64(m.payload[8:])
+		if err := s.dlog.set(m.fds[0], size, off); err != nil {
+			return nil, err
+		}
+		s.log.Info("dirty log set", "bytes", size, "logging", s.dlog.on.Load())
+		return u64(0), nil
+	case ReqSetLogFd:
+		// An eventfd to tell the front-end the log changed: QEMU reads the
+		// log when it syncs, so nothing is signalled.
+		return nil, nil
+	case ReqGetInflightFd:
+		return nil, s.getInflight(m)
+	case ReqSetInflightFd:
+		return nil, s.setInflight(m)
 	case ReqSetVringNum:
 		st := m.vringState()
 		r, _, err := s.ring(st.Index)
@@ -517,6 +553,12 @@ func (s *session) maybeStart(i int) error {
 		if err != nil {
 			return fmt.Errorf("queue %d: %w", i, err)
 		}
+		// The used index lives in guest memory: after a back-end restart
+		// it is ahead of nothing we remember.
+		q.SyncUsed()
+		if err := s.recoverInflight(i, r, q); err != nil {
+			return fmt.Errorf("queue %d: %w", i, err)
+		}
 		r.q = q
 	}
 	if !s.started {
@@ -529,11 +571,17 @@ func (s *session) maybeStart(i int) error {
 		}
 		s.started = true
 	}
-	run, err := startRunner(i, r.q, s.dev.Handler(i), r.kick, r.call, s.log, s.onFatal)
+	io := ringIO{
+		idx: i, kick: r.kick, call: r.call,
+		dlog: &s.dlog, logUsed: r.addr.Flags&vringFLog != 0, usedGPA: r.addr.Log,
+		inflight: r.iq, resubmit: r.resubmit,
+	}
+	run, err := startRunner(r.q, s.dev.Handler(i), io, s.log, s.onFatal)
 	if err != nil {
 		return fmt.Errorf("queue %d: %w", i, err)
 	}
 	r.run = run
+	r.resubmit = nil
 	return nil
 }
 
@@ -565,6 +613,7 @@ func (s *session) stopRing(i int) {
 		r.q = nil
 	}
 	r.kickSet = false
+	r.iq = nil
 	if r.kick >= 0 {
 		unix.Close(r.kick)
 		r.kick = -1
@@ -606,7 +655,97 @@ func (s *session) reset() {
 
 func (s *session) teardown() {
 	s.reset()
+	s.dlog.close()
+	s.inflight.unmap()
+	s.inflight = nil
 	s.mem.Unmap()
 	s.mem = nil
 	s.raw.Close()
+}
+
+// vringFLog is VHOST_VRING_F_LOG in SET_VRING_ADDR's flags: log used-ring
+// writes at the ring's log address.
+const vringFLog = 1
+
+// getInflight answers GET_INFLIGHT_FD with a new zeroed region.
+func (s *session) getInflight(m *message) error {
+	if s.proto&ProtoInflightShmfd == 0 {
+		return fmt.Errorf("%w: INFLIGHT_SHMFD not negotiated", ErrUnknownRequest)
+	}
+	in := m.inflight()
+	if int(in.NumQueues) > len(s.rings) {
+		return fmt.Errorf("%w: %d queues, device has %d", ErrInflight, in.NumQueues, len(s.rings))
+	}
+	a, fd, err := newInflightArea(in.NumQueues, in.QueueSize)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	in.MmapSize, in.MmapOffset = uint64(len(a.mapping)), 0
+	if err := s.c.replyFds(m.Request, in.encode(), []int{fd}); err != nil {
+		a.unmap()
+		return err
+	}
+	s.useInflight(a)
+	s.log.Info("inflight region created", "queues", in.NumQueues, "queue_size", in.QueueSize, "bytes", in.MmapSize)
+	return nil
+}
+
+// setInflight maps the region the front-end kept (SET_INFLIGHT_FD): after a
+// restart it holds what the previous back-end left in flight.
+func (s *session) setInflight(m *message) error {
+	if s.proto&ProtoInflightShmfd == 0 {
+		return fmt.Errorf("%w: INFLIGHT_SHMFD not negotiated", ErrUnknownRequest)
+	}
+	in := m.inflight()
+	if int(in.NumQueues) > len(s.rings) {
+		return fmt.Errorf("%w: %d queues, device has %d", ErrInflight, in.NumQueues, len(s.rings))
+	}
+	a, err := mapInflight(m.fds[0], in.MmapSize, in.MmapOffset, in.NumQueues, in.QueueSize)
+	if err != nil {
+		return err
+	}
+	s.useInflight(a)
+	return nil
+}
+
+// useInflight makes a the session's inflight region. Rings already running
+// keep tracking in the old one until they restart.
+func (s *session) useInflight(a *inflightArea) {
+	for i, r := range s.rings {
+		if r.q != nil {
+			s.log.Warn("inflight region refused: a ring runs", "queue", i)
+			a.unmap()
+			return
+		}
+	}
+	s.inflight.unmap()
+	s.inflight = a
+}
+
+// recoverInflight attaches ring i to its inflight region when it starts: it
+// settles the previous process's last batch, queues what it left in flight
+// for resubmission and takes new requests after them.
+func (s *session) recoverInflight(i int, r *vring, q *virtq.Queue) error {
+	r.iq, r.resubmit = nil, nil
+	if s.inflight == nil || i >= s.inflight.numQueues {
+		return nil
+	}
+	iq := s.inflight.queue(i)
+	if err := iq.check(r.num); err != nil {
+		return err
+	}
+	heads, err := iq.recover(q.UsedIdx(), r.num)
+	if err != nil {
+		return err
+	}
+	used := q.UsedIdx()
+	if len(heads) > 0 || q.LastAvail() != used {
+		s.log.Info("ring restarted after a back-end restart",
+			"queue", i, "used_idx", used, "base", q.LastAvail(), "resubmit", len(heads))
+	}
+	q.SetLastAvail(used + uint16(len(heads)))
+	s.resubmitted.Add(int64(len(heads)))
+	r.iq, r.resubmit = iq, heads
+	return nil
 }

@@ -26,6 +26,7 @@ type rig struct {
 	path  string
 	c     *frontend.Client
 	sock  string
+	srv   *vhost.Server
 	stop  func()
 }
 
@@ -83,7 +84,7 @@ func newRig(t *testing.T, o rigOpts) *rig {
 	done := make(chan error, 1)
 	srv := &vhost.Server{Device: dev, Log: cfg.Log}
 	go func() { done <- srv.Serve(ctx, ln) }()
-	r := &rig{t: t, dev: dev, store: st, path: path, sock: sock}
+	r := &rig{t: t, dev: dev, store: st, path: path, sock: sock, srv: srv}
 	r.stop = func() {
 		if r.c != nil {
 			r.c.Close()

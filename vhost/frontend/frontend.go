@@ -28,6 +28,13 @@ type Client struct {
 	Features, Proto uint64
 	Queues          []*Queue
 	bump            uint64 // next free guest address for Alloc
+
+	// Inflight is the inflight tracking region the back-end gave
+	// (GET_INFLIGHT_FD), kept across reconnects as QEMU keeps it.
+	Inflight     []byte
+	inflightFd   int
+	inflightSize uint64
+	lastFds      []int // fds that came with the last reply
 }
 
 // Dial connects to the back-end socket at path.
@@ -36,7 +43,7 @@ func Dial(path string) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", path, err)
 	}
-	return &Client{conn: c, memfd: -1}, nil
+	return &Client{conn: c, memfd: -1, inflightFd: -1}, nil
 }
 
 // Close closes the connection and frees the guest memory.
@@ -56,6 +63,14 @@ func (c *Client) Close() error {
 	if c.memfd >= 0 {
 		unix.Close(c.memfd)
 		c.memfd = -1
+	}
+	if c.Inflight != nil {
+		unix.Munmap(c.Inflight)
+		c.Inflight = nil
+	}
+	if c.inflightFd >= 0 {
+		unix.Close(c.inflightFd)
+		c.inflightFd = -1
 	}
 	return err
 }
@@ -89,7 +104,22 @@ func (c *Client) Recv(req vhost.Request) ([]byte, error) {
 	if err := c.conn.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
 		return nil, err
 	}
-	if _, err := readFull(c.conn, h[:]); err != nil {
+	oob := make([]byte, unix.CmsgSpace(4*8))
+	n, oobn, _, _, err := c.conn.ReadMsgUnix(h[:], oob)
+	if err != nil {
+		return nil, fmt.Errorf("%s reply: %w", req, err)
+	}
+	c.lastFds = nil
+	if oobn > 0 {
+		if cms, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+			for _, cm := range cms {
+				if fds, err := unix.ParseUnixRights(&cm); err == nil {
+					c.lastFds = append(c.lastFds, fds...)
+				}
+			}
+		}
+	}
+	if _, err := readFull(c.conn, h[n:]); err != nil {
 		return nil, fmt.Errorf("%s reply: %w", req, err)
 	}
 	got := vhost.Request(binary.LittleEndian.Uint32(h[0:]))
@@ -178,6 +208,11 @@ type Options struct {
 	NoEventIdx, NoIndirect bool
 	// PollKick sends SET_VRING_KICK with the no-fd bit: the back-end polls.
 	PollKick bool
+	// Inflight negotiates INFLIGHT_SHMFD and gets a tracking region before
+	// the queues start, as QEMU's vhost-user-blk does.
+	Inflight bool
+	// Log negotiates LOG_SHMFD (dirty logging for migration).
+	Log bool
 }
 
 // Setup negotiates features, shares guest memory and starts opts.Queues
@@ -192,6 +227,32 @@ func (c *Client) Setup(opts Options) error {
 	if opts.QueueSize == 0 {
 		opts.QueueSize = 128
 	}
+	if err := c.negotiate(opts); err != nil {
+		return err
+	}
+	if err := c.shareMemory(opts.MemSize); err != nil {
+		return err
+	}
+	if opts.Inflight {
+		if err := c.getInflight(uint16(opts.Queues), opts.QueueSize); err != nil {
+			return err
+		}
+		if err := c.setInflight(uint16(opts.Queues), opts.QueueSize); err != nil {
+			return err
+		}
+	}
+	for i := 0; i < opts.Queues; i++ {
+		q, err := c.startQueue(i, opts.QueueSize, opts.PollKick)
+		if err != nil {
+			return err
+		}
+		c.Queues = append(c.Queues, q)
+	}
+	return nil
+}
+
+// negotiate does the feature handshake and SET_OWNER.
+func (c *Client) negotiate(opts Options) error {
 	offered, err := c.getU64(vhost.ReqGetFeatures)
 	if err != nil {
 		return err
@@ -206,12 +267,20 @@ func (c *Client) Setup(opts Options) error {
 	if opts.NoIndirect {
 		f &^= vhost.FeatIndirectDesc
 	}
+	f &^= vhost.FeatLogAll // only while migrating: SetLogAll
 	if f&vhost.FeatProtocolFeatures != 0 {
 		pf, err := c.getU64(vhost.ReqGetProtocolFeatures)
 		if err != nil {
 			return err
 		}
-		want := pf & (vhost.ProtoMQ | vhost.ProtoReplyAck | vhost.ProtoConfig | vhost.ProtoConfigureMemSlots | vhost.ProtoResetDevice)
+		mask := uint64(vhost.ProtoMQ | vhost.ProtoReplyAck | vhost.ProtoConfig | vhost.ProtoConfigureMemSlots | vhost.ProtoResetDevice)
+		if opts.Inflight {
+			mask |= vhost.ProtoInflightShmfd
+		}
+		if opts.Log {
+			mask |= vhost.ProtoLogShmfd
+		}
+		want := pf & mask
 		if _, err := c.call(vhost.ReqSetProtocolFeatures, u64(want), nil, false); err != nil {
 			return err
 		}
@@ -233,16 +302,6 @@ func (c *Client) Setup(opts Options) error {
 		return err
 	}
 	c.Features = f
-	if err := c.shareMemory(opts.MemSize); err != nil {
-		return err
-	}
-	for i := 0; i < opts.Queues; i++ {
-		q, err := c.startQueue(i, opts.QueueSize, opts.PollKick)
-		if err != nil {
-			return err
-		}
-		c.Queues = append(c.Queues, q)
-	}
 	return nil
 }
 
@@ -262,12 +321,19 @@ func (c *Client) shareMemory(size int) error {
 		return fmt.Errorf("mmap guest memory: %w", err)
 	}
 	c.memfd, c.Mem, c.bump = fd, mem, 4096
+	return c.sendMemTable()
+}
+
+// sendMemTable sends SET_MEM_TABLE for the guest memory.
+func (c *Client) sendMemTable() error {
+	size := len(c.Mem)
+	fd := c.memfd
 	p := u32s(1, 0)
 	p = binary.LittleEndian.AppendUint64(p, 0)
 	p = binary.LittleEndian.AppendUint64(p, uint64(size))
 	p = binary.LittleEndian.AppendUint64(p, c.UserAddr(0))
 	p = binary.LittleEndian.AppendUint64(p, 0)
-	_, err = c.call(vhost.ReqSetMemTable, p, []int{fd}, false)
+	_, err := c.call(vhost.ReqSetMemTable, p, []int{fd}, false)
 	return err
 }
 

@@ -47,11 +47,22 @@ func (c *Client) startQueue(i int, size uint16, pollKick bool) (*Queue, error) {
 	for d := int(size) - 1; d >= 0; d-- {
 		q.free = append(q.free, uint16(d))
 	}
-	if q.kick, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK); err != nil {
+	if err := q.configure(0, pollKick); err != nil {
 		return nil, err
 	}
+	return q, nil
+}
+
+// configure sends the ring's description to the back-end and starts it,
+// with base as the next available index, and new kick and call eventfds.
+func (q *Queue) configure(base uint16, pollKick bool) error {
+	c, i, size := q.c, q.Index, q.Size
+	var err error
+	if q.kick, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK); err != nil {
+		return err
+	}
 	if q.call, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK); err != nil {
-		return nil, err
+		return err
 	}
 	steps := []struct {
 		req vhost.Request
@@ -59,7 +70,7 @@ func (c *Client) startQueue(i int, size uint16, pollKick bool) (*Queue, error) {
 		fds []int
 	}{
 		{vhost.ReqSetVringNum, u32s(uint32(i), uint32(size)), nil},
-		{vhost.ReqSetVringBase, u32s(uint32(i), 0), nil},
+		{vhost.ReqSetVringBase, u32s(uint32(i), uint32(base)), nil},
 		{vhost.ReqSetVringAddr, binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(
 			binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint64(u32s(uint32(i), 0),
 				c.UserAddr(q.desc)), c.UserAddr(q.used)), c.UserAddr(q.avail)), 0), nil},
@@ -80,10 +91,10 @@ func (c *Client) startQueue(i int, size uint16, pollKick bool) (*Queue, error) {
 	}
 	for _, s := range steps {
 		if _, err := c.call(s.req, s.p, s.fds, false); err != nil {
-			return nil, fmt.Errorf("queue %d: %w", i, err)
+			return fmt.Errorf("queue %d: %w", i, err)
 		}
 	}
-	return q, nil
+	return nil
 }
 
 // Buf is one descriptor of a chain.

@@ -195,6 +195,25 @@ func (q *Queue) Next(c *Chain) (bool, error) {
 	return true, nil
 }
 
+// ChainAt walks the chain whose head descriptor is head into c without
+// touching the available ring: it serves a request again that a previous
+// back-end process took but never completed (inflight tracking).
+func (q *Queue) ChainAt(head uint16, c *Chain) error {
+	if head >= q.num {
+		return fmt.Errorf("%w: head %d, queue size %d", ErrHeadIndex, head, q.num)
+	}
+	q.walk(head, c)
+	return nil
+}
+
+// SetLastAvail sets the next available entry to take: after a restart it is
+// the used index plus the requests still in flight.
+func (q *Queue) SetLastAvail(v uint16) { q.lastAvail = v }
+
+// UsedBytes is the size of the used ring in guest memory, avail_event
+// included: what a back-end marks dirty when it updates the ring.
+func (q *Queue) UsedBytes() uint64 { return 6 + 8*uint64(q.num) }
+
 // walk collects the chain starting at head into c.
 func (q *Queue) walk(head uint16, c *Chain) {
 	c.Head, c.Segs, c.Err = head, c.Segs[:0], nil
