@@ -21,6 +21,8 @@ type QMP struct {
 	// while a vhost-user back-end does not answer). Default 60 s.
 	Timeout time.Duration
 
+	logf func(format string, args ...any) // events are logged here if set
+
 	mu      sync.Mutex
 	events  []qmp.Event
 	taken   []bool // events[i] was returned by a WaitEvent
@@ -29,7 +31,9 @@ type QMP struct {
 }
 
 // DialQMP connects to the QMP socket at path and starts its event stream.
-func DialQMP(path string) (*QMP, error) {
+func DialQMP(path string) (*QMP, error) { return dialQMP(path, nil) }
+
+func dialQMP(path string, logf func(string, ...any)) (*QMP, error) {
 	mon, err := qmp.NewSocketMonitor("unix", path, 5*time.Second)
 	if err != nil {
 		return nil, fmt.Errorf("qmp: dial %s: %w", path, err)
@@ -42,12 +46,15 @@ func DialQMP(path string) (*QMP, error) {
 		mon.Disconnect()
 		return nil, fmt.Errorf("qmp: events: %w", err)
 	}
-	q := &QMP{mon: mon, Timeout: time.Minute, changed: make(chan struct{}, 1), done: make(chan struct{})}
+	q := &QMP{mon: mon, Timeout: time.Minute, logf: logf, changed: make(chan struct{}, 1), done: make(chan struct{})}
 	// The monitor's reader blocks on an unread event, which would also
 	// block command replies: drain the stream all the time.
 	go func() {
 		defer close(q.done)
 		for e := range ev {
+			if q.logf != nil {
+				q.logf("qmp event %s %v", e.Event, e.Data)
+			}
 			q.mu.Lock()
 			q.events = append(q.events, e)
 			q.taken = append(q.taken, false)
@@ -279,7 +286,7 @@ func (vm *VM) QMP() (*QMP, error) {
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		q, err := DialQMP(vm.qmpPath)
+		q, err := dialQMP(vm.qmpPath, vm.logf)
 		if err == nil {
 			vm.qmp = q
 			return q, nil
