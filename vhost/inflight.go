@@ -200,6 +200,16 @@ func (q *inflightQueue) published(usedIdx uint16) {
 // must be served again before anything new. The counter goes on after the
 // newest.
 func (q *inflightQueue) recover(usedIdx, ringSize uint16) ([]uint16, error) {
+	busy := false
+	for i := range q.desc {
+		busy = busy || q.desc[i].inflight != 0
+	}
+	if !busy {
+		// A new region (the front-end asked for one at this start, e.g.
+		// on a migration's destination), or one left with nothing in
+		// flight: it follows the ring from here.
+		q.hdr.usedIdx = usedIdx
+	}
 	if n := usedIdx - q.hdr.usedIdx; n != 0 {
 		if n > ringSize {
 			return nil, fmt.Errorf("%w: used index %d, region says %d", ErrInflight, usedIdx, q.hdr.usedIdx)

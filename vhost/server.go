@@ -289,6 +289,13 @@ func (s *session) dispatch(m *message) ([]byte, error) {
 		if f&^s.offered != 0 {
 			return nil, fmt.Errorf("%w: %#x", ErrFeatures, f&^s.offered)
 		}
+		if on := f&FeatLogAll != 0; on != (s.features&FeatLogAll != 0) {
+			if on {
+				s.log.Info("dirty logging started")
+			} else {
+				s.log.Info("dirty logging stopped")
+			}
+		}
 		s.features = f
 		s.dlog.setLogAll(f&FeatLogAll != 0)
 		return nil, nil

@@ -125,9 +125,24 @@ func (Hemd) Name() string { return "hemd" }
 
 func (h Hemd) Serve(t testing.TB, image string, queues int) *Served {
 	t.Helper()
-	sock := filepath.Join(t.TempDir(), "hemd.sock")
+	return h.ServeOn(t, filepath.Join(t.TempDir(), "hemd.sock"), image, queues)
+}
+
+// ServeOn serves image on the socket path sock: a restarted hemd takes the
+// socket of the one that died, and QEMU (reconnect=1) finds it there.
+func (h Hemd) ServeOn(t testing.TB, sock, image string, queues int) *Served {
+	t.Helper()
 	args := append([]string{"serve", "--socket", sock, "--volume", image, "--queues", fmt.Sprint(queues)}, h.Args...)
 	return start(t, "hemd", sock, h.Env, h.Bin, args...)
+}
+
+// Pid is the back-end's process id.
+func (s *Served) Pid() int { return s.cmd.Process.Pid }
+
+// Kill sends SIGKILL, as a crash would, and waits for the process to end.
+func (s *Served) Kill() {
+	s.cmd.Process.Kill()
+	<-s.done
 }
 
 // BuildHemd builds hemd from the repository into dir.

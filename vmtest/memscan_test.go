@@ -92,25 +92,7 @@ func TestNoKeyInMemoryAfterStop(t *testing.T) {
 	vol := filepath.Join(dir, "vol.img")
 	cli(t, state, "volume", "create", "--size", "32M", "--key", "alias/scan", vol)
 	h := inspect(t, state, vol)
-
-	// The test unwraps the key itself to know what to look for (hsm.Open
-	// points SOFTHSM2_CONF at the state dir: undone when the test ends).
-	t.Setenv("SOFTHSM2_CONF", "")
-	k, err := hsm.Open(hsm.Config{}, state)
-	if err != nil {
-		t.Fatal(err)
-	}
-	blob, _ := base64.StdEncoding.DecodeString(h["wrapped_dek"].(string))
-	dek := make([]byte, 64)
-	ectx := map[string]string{}
-	for key, v := range h["encryption_context"].(map[string]any) {
-		ectx[key] = v.(string)
-	}
-	if _, err := k.Decrypt(context.Background(), blob, ectx, dek); err != nil {
-		t.Fatal(err)
-	}
-	k.Close()
-	wins := windows(t, dek)
+	wins := keyWindows(t, state, vol)
 
 	srv := Hemd{Bin: hemdBin, Env: []string{"HEMD_STATE_DIR=" + state, "SOFTHSM2_CONF="}}.Serve(t, vol, 1)
 	pid := srv.cmd.Process.Pid
@@ -136,6 +118,31 @@ sleep 600
 	if found := scanMemory(t, pid, wins); len(found) > 0 {
 		t.Fatalf("key material in hemd's memory after the VM stopped:\n%s", strings.Join(found, "\n"))
 	}
+}
+
+// keyWindows unwraps the data key of the volume at vol itself, through the
+// KMS in state, and returns the windows to look for in hemd's memory
+// (hsm.Open points SOFTHSM2_CONF at the state dir: undone when the test
+// ends).
+func keyWindows(t *testing.T, state, vol string) [][]byte {
+	t.Helper()
+	h := inspect(t, state, vol)
+	t.Setenv("SOFTHSM2_CONF", "")
+	k, err := hsm.Open(hsm.Config{}, state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob, _ := base64.StdEncoding.DecodeString(h["wrapped_dek"].(string))
+	dek := make([]byte, 64)
+	ectx := map[string]string{}
+	for key, v := range h["encryption_context"].(map[string]any) {
+		ectx[key] = v.(string)
+	}
+	if _, err := k.Decrypt(context.Background(), blob, ectx, dek); err != nil {
+		t.Fatal(err)
+	}
+	k.Close()
+	return windows(t, dek)
 }
 
 func lastEvent(log []string) string {

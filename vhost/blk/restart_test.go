@@ -183,13 +183,39 @@ func TestInflightLastBatchSettled(t *testing.T) {
 }
 
 // A corrupt inflight region (a head outside the ring in the batch list) is
-// refused with an error, not served.
+// refused with an error, not served. A fresh region whose used index lags
+// the ring (a migration's destination) is simply brought up to it.
+func TestInflightFreshRegionFollowsRing(t *testing.T) {
+	r := newRig(t, rigOpts{fe: frontend.Options{Inflight: true}})
+	for i := 0; i < 3; i++ {
+		r.do(0, blkIO{typ: TypeOut, sector: uint64(i), data: pattern(512, byte(i))})
+	}
+	if _, err := r.c.StopQueue(0); err != nil {
+		t.Fatal(err)
+	}
+	clear(r.c.Inflight)                                   // as if just created
+	binary.LittleEndian.PutUint16(r.c.Inflight[8:], 1)    // version
+	binary.LittleEndian.PutUint16(r.c.Inflight[10:], 128) // desc_num
+	if err := r.c.Reattach(r.sock, frontend.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	st, _, got := r.do(0, blkIO{typ: TypeIn, sector: 2, data: make([]byte, 512), write: true})
+	if st != StatusOK || !bytes.Equal(got, pattern(512, 2)) {
+		t.Fatalf("read after start on a fresh region: status %d", st)
+	}
+	if u := binary.LittleEndian.Uint16(r.c.Inflight[14:]); u != 4 {
+		t.Fatalf("region used_idx %d, want 4", u)
+	}
+}
+
 func TestInflightCorruptRegion(t *testing.T) {
 	r := newRig(t, rigOpts{fe: frontend.Options{Inflight: true}})
 	r.do(0, blkIO{typ: TypeOut, sector: 0, data: pattern(512, 1)})
 	if _, err := r.c.StopQueue(0); err != nil {
 		t.Fatal(err)
 	}
+	f, _ := inflightDesc(r.c, 0)
+	*f = 1
 	binary.LittleEndian.PutUint16(r.c.Inflight[12:], 9999) // last_batch_head
 	binary.LittleEndian.PutUint16(r.c.Inflight[14:], 0)    // used_idx behind the ring
 	if err := r.c.Reattach(r.sock, frontend.Options{}); err == nil {
