@@ -55,7 +55,11 @@ func TestDecryptWhileSessionsClosed(t *testing.T) {
 			select {
 			case <-stop:
 				return
-			case <-time.After(10 * time.Millisecond):
+			// Every 40 ms: an operation under the race detector on a busy
+			// 2-core machine can take over 10 ms, and sessions closed faster
+			// than one operation completes are not an HSM restart but a
+			// livelock that sessionAttempts rightly gives up on.
+			case <-time.After(40 * time.Millisecond):
 			}
 			k.sess.gate.Lock() // between operations, as an HSM restart would
 			k.p.CloseAllSessions(k.slot)
