@@ -746,10 +746,17 @@ func (s *session) recoverInflight(i int, r *vring, q *virtq.Queue) error {
 	if err != nil {
 		return err
 	}
-	used := q.UsedIdx()
-	if len(heads) > 0 || q.LastAvail() != used {
+	used, base := q.UsedIdx(), q.LastAvail()
+	switch {
+	case len(heads) > 0:
 		s.log.Info("ring restarted after a back-end restart",
-			"queue", i, "used_idx", used, "base", q.LastAvail(), "resubmit", len(heads))
+			"queue", i, "used_idx", used, "base", base, "resubmit", len(heads))
+	case base != used:
+		// Nothing in flight, yet the front-end's base is not the used
+		// index: the ring was not drained by the previous back-end and
+		// the region does not say why. Go by the region (the spec's rule).
+		s.log.Warn("ring base and used index disagree with nothing in flight",
+			"queue", i, "used_idx", used, "base", base)
 	}
 	q.SetLastAvail(used + uint16(len(heads)))
 	s.resubmitted.Add(int64(len(heads)))

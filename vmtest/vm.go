@@ -129,7 +129,9 @@ func Boot(g *Guest, logf func(string, ...any), dir string, opts ...Option) (*VM,
 		args = append(args, "-no-reboot")
 	}
 	qmpPath := filepath.Join(dir, "qmp.sock")
-	args = append(args, "-qmp", "unix:"+qmpPath+",server=on,wait=off")
+	// A chardev, not -qmp unix:PATH: the legacy syntax cannot hold the '='
+	// that subtest names put in temp dir paths.
+	args = append(args, "-chardev", "socket,id=qmp,path="+qmpPath+",server=on,wait=off", "-mon", "chardev=qmp,mode=control")
 	if c.incoming != "" {
 		args = append(args, "-incoming", c.incoming)
 	}
