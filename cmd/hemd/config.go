@@ -14,6 +14,9 @@ import (
 type fileConfig struct {
 	// StateDir overrides the state directory.
 	StateDir string `toml:"state_dir"`
+	// Metrics is where hemd serve answers /metrics (Prometheus) and
+	// /status: HOST:PORT or unix:PATH; empty for none.
+	Metrics string `toml:"metrics"`
 	// KMS configures the key management service.
 	KMS kmsSettings `toml:"kms"`
 	// Volumes are served each on its own socket.

@@ -33,6 +33,7 @@ commands:
   snapshot   create and copy snapshots
   key        manage customer master keys in the KMS
   kms        run the KMS as a network service: kms serve (AWS KMS protocol)
+  status     list what a running hemd serve serves: volumes, attach state, keys
   bench      measure a vhost-user-blk back-end (hemd or any other)
   version    print the version
 
@@ -88,6 +89,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return snapshotCommand(ctx, g, rest, stdout, stderr)
 	case "bench":
 		return benchCommand(ctx, g, rest, stdout, stderr)
+	case "status":
+		return statusCommand(ctx, rest, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "hemd", version)
 		return nil

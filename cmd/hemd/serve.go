@@ -29,6 +29,7 @@ func serveCommand(ctx context.Context, g globalFlags, args []string, stdout, std
 	fs.BoolVar(&v.Discard, "discard", false, "let the guest discard (punch holes)")
 	fs.BoolVar(&v.Direct, "direct", false, "use O_DIRECT for aligned I/O")
 	bs := fs.Uint("block-size", 512, "logical block size, 512 or 4096")
+	metricsAddr := fs.String("metrics", "", "serve Prometheus /metrics and /status on HOST:PORT or unix:PATH")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: hemd serve --socket PATH --volume FILE [--queues N] [--read-only] ...\n       hemd serve --config FILE\n\nflags:")
 		fs.PrintDefaults()
@@ -46,6 +47,8 @@ func serveCommand(ctx context.Context, g globalFlags, args []string, stdout, std
 	switch {
 	case *cfgPath != "" && (v.Socket != "" || v.Path != ""):
 		return errors.New("serve: --config and --socket/--volume exclude each other")
+	case *cfgPath != "" && *metricsAddr != "":
+		return errors.New("serve: with --config, set metrics in the file")
 	case *cfgPath != "":
 		c, err := loadConfig(*cfgPath)
 		if err != nil {
@@ -53,6 +56,7 @@ func serveCommand(ctx context.Context, g globalFlags, args []string, stdout, std
 		}
 		vols = c.Volumes
 		g.KMS = c.KMS
+		*metricsAddr = c.Metrics
 		if c.StateDir != "" && os.Getenv("HEMD_STATE_DIR") == "" {
 			g.StateDir = c.StateDir
 		}
@@ -67,7 +71,7 @@ func serveCommand(ctx context.Context, g globalFlags, args []string, stdout, std
 		}
 		vols = []volumeConfig{v}
 	}
-	return serveVolumes(ctx, g, vols)
+	return serveVolumes(ctx, g, vols, *metricsAddr)
 }
 
 // served is one volume being served.
@@ -77,12 +81,15 @@ type served struct {
 	keys  *volumeKeys // nil for a raw (unencrypted) file
 	ln    *vhost.Listener
 	srv   *vhost.Server
+	dev   *blk.Device
 }
 
 // serveVolumes opens every volume and its socket, then serves them until ctx
-// ends. Nothing is served unless every volume opened.
-func serveVolumes(ctx context.Context, g globalFlags, vols []volumeConfig) error {
+// ends. Nothing is served unless every volume opened. With metricsAddr, the
+// metrics and status endpoint is served too.
+func serveVolumes(ctx context.Context, g globalFlags, vols []volumeConfig, metricsAddr string) error {
 	log := g.Log
+	mon := newMonitor()
 	var all []*served
 	var kms volume.KMS
 	closeKMS := func() {}
@@ -107,7 +114,7 @@ func serveVolumes(ctx context.Context, g globalFlags, vols []volumeConfig) error
 				if err != nil {
 					return nil, err
 				}
-				kms, closeKMS = k, c
+				kms, closeKMS = mon.timeKMS(k), c
 			}
 			return kms, nil
 		})
@@ -115,6 +122,14 @@ func serveVolumes(ctx context.Context, g globalFlags, vols []volumeConfig) error
 			return err
 		}
 		all = append(all, s)
+	}
+	mon.vols = all
+	if metricsAddr != "" {
+		stop, err := mon.serve(ctx, metricsAddr, log)
+		if err != nil {
+			return err
+		}
+		defer stop()
 	}
 	var wg sync.WaitGroup
 	errs := make([]error, len(all))
@@ -182,6 +197,6 @@ func openServed(ctx context.Context, v volumeConfig, log *slog.Logger, kmsFor fu
 	if err != nil {
 		return fail(fmt.Errorf("volume %s: %w", s.cfg.ID, err))
 	}
-	s.ln, s.srv = ln, &vhost.Server{Device: dev, Log: vl}
+	s.ln, s.srv, s.dev = ln, &vhost.Server{Device: dev, Log: vl}, dev
 	return s, nil
 }

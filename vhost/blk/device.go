@@ -85,6 +85,9 @@ type Stats struct {
 	Reads, Writes, Flushes, Discards, WriteZeroes, GetIDs atomic.Uint64
 	BytesRead, BytesWritten                               atomic.Uint64
 	BadRequests, Unsupported, IOErrors                    atomic.Uint64
+	// Latency of reads, of writes (OUT, WRITE_ZEROES, DISCARD) and of the
+	// rest (FLUSH, GET_ID, refused requests).
+	ReadLatency, WriteLatency, OtherLatency Histogram
 }
 
 // Device is a virtio-blk device.
@@ -152,6 +155,9 @@ func Serial(id string) string {
 	}
 	return id
 }
+
+// Capacity returns the size the guest sees, in bytes.
+func (d *Device) Capacity() uint64 { return d.lim.capacity * sectorSize }
 
 // Stats returns queue i's counters.
 func (d *Device) Stats(i int) *Stats { return &d.stats[i] }

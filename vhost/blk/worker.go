@@ -2,6 +2,7 @@ package blk
 
 import (
 	"fmt"
+	"time"
 
 	"github.com/hemd/hemd/vhost/virtq"
 )
@@ -25,6 +26,20 @@ type worker struct {
 
 // Handle implements vhost.Handler.
 func (w *worker) Handle(c *virtq.Chain) uint32 {
+	t0 := time.Now()
+	n := w.handle(c)
+	h := &w.stats.OtherLatency
+	switch w.req.typ {
+	case TypeIn:
+		h = &w.stats.ReadLatency
+	case TypeOut, TypeWriteZeroes, TypeDiscard:
+		h = &w.stats.WriteLatency
+	}
+	h.Observe(time.Since(t0))
+	return n
+}
+
+func (w *worker) handle(c *virtq.Chain) uint32 {
 	r := &w.req
 	err := parseRequest(c, &w.dev.lim, r)
 	if r.status == nil {
