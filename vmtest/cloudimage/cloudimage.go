@@ -426,7 +426,7 @@ func Seed(dir, userData, metaData string) (string, error) {
 // the root disk on vhost-user-blk-pci served at rootSocket with queues
 // queues (the guest's /dev/vda), the seed (if any) as a read-only virtio
 // disk, the serial console on stdio and no NIC. QEMU exits on guest reboot
-// or poweroff.
+// or poweroff (see Rebootable).
 func BootArgs(im *Image, rootSocket string, queues int, seedPath string) []string {
 	args := []string{
 		"-machine", "q35,accel=tcg", "-cpu", "max", "-m", "1G", "-smp", "2",
@@ -440,4 +440,54 @@ func BootArgs(im *Image, rootSocket string, queues int, seedPath string) []strin
 		args = append(args, "-drive", "file="+seedPath+",if=virtio,format=raw,readonly=on")
 	}
 	return args
+}
+
+// Rebootable returns args without -no-reboot: a guest reboot then restarts
+// the VM inside the same QEMU (the vhost-user device is reset and started
+// again by the next boot), and only a poweroff ends QEMU.
+func Rebootable(args []string) []string {
+	var out []string
+	for _, a := range args {
+		if a != "-no-reboot" {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// Count counts the occurrences of needle in the file at path, reading it a
+// few MiB at a time (a volume is gigabytes).
+func Count(path string, needle []byte) (int, error) {
+	if len(needle) == 0 {
+		return 0, errors.New("count: empty needle")
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	buf := make([]byte, 4<<20+len(needle)-1)
+	n, keep := 0, 0
+	for {
+		m, err := io.ReadFull(f, buf[keep:])
+		data := buf[:keep+m]
+		end := 0 // where the last match counted ends
+		for {
+			i := bytes.Index(data[end:], needle)
+			if i < 0 {
+				break
+			}
+			n++
+			end += i + len(needle)
+		}
+		// The last len(needle)-1 bytes may begin a match that the next
+		// read completes (unless they belong to one already counted).
+		keep = copy(buf, data[max(end, len(data)-(len(needle)-1)):])
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return n, nil
+		}
+		if err != nil {
+			return n, err
+		}
+	}
 }

@@ -1,13 +1,12 @@
 package cloudimage
 
 import (
-	"bufio"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -28,90 +27,26 @@ power_state:
   timeout: 60
 `
 
-// console is QEMU with its serial console read line by line.
-type console struct {
-	t      *testing.T
-	cmd    *exec.Cmd
-	start  time.Time
-	mu     sync.Mutex
-	lines  []string
-	change chan struct{}
-	exited chan struct{}
-	err    error
-}
-
-var ansi = regexp.MustCompile(`\x1b\[[0-9;?]*[A-Za-z]|\x1bc`)
-
-func startQEMU(t *testing.T, args []string) *console {
-	t.Logf("qemu-system-x86_64 %s", strings.Join(args, " "))
-	c := &console{t: t, change: make(chan struct{}, 1), exited: make(chan struct{})}
-	c.cmd = exec.Command("qemu-system-x86_64", args...)
-	out, err := c.cmd.StdoutPipe()
+// startVM boots QEMU with args, the console in the test log, and kills it
+// when the test ends.
+func startVM(t *testing.T, args []string) *VM {
+	t.Helper()
+	vm, err := Start(t.Logf, args)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.cmd.Stderr = c.cmd.Stdout
-	c.start = time.Now()
-	if err := c.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		sc := bufio.NewScanner(out)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		for sc.Scan() {
-			line := strings.TrimRight(ansi.ReplaceAllString(sc.Text(), ""), "\r")
-			t.Logf("console %6.1fs: %s", time.Since(c.start).Seconds(), line)
-			c.mu.Lock()
-			c.lines = append(c.lines, line)
-			c.mu.Unlock()
-			select {
-			case c.change <- struct{}{}:
-			default:
-			}
-		}
-		c.err = c.cmd.Wait()
-		close(c.exited)
-	}()
-	t.Cleanup(func() {
-		c.cmd.Process.Kill()
-		<-c.exited
-	})
-	return c
+	t.Logf("%s", vm.CommandLine())
+	t.Cleanup(vm.Kill)
+	return vm
 }
 
-// expect waits for a console line matching re and returns the time since
-// QEMU started.
-func (c *console) expect(re string, timeout time.Duration) time.Duration {
-	c.t.Helper()
-	rx := regexp.MustCompile(re)
-	deadline := time.After(timeout)
-	from := 0
-	for {
-		c.mu.Lock()
-		lines := c.lines
-		c.mu.Unlock()
-		for ; from < len(lines); from++ {
-			if rx.MatchString(lines[from]) {
-				return time.Since(c.start)
-			}
-			if strings.Contains(lines[from], "Kernel panic") {
-				c.t.Fatalf("guest panicked: %s", lines[from])
-			}
-		}
-		select {
-		case <-c.change:
-		case <-c.exited:
-			c.mu.Lock()
-			n := len(c.lines)
-			c.mu.Unlock()
-			if n > from {
-				continue
-			}
-			c.t.Fatalf("QEMU exited (%v) before %q appeared", c.err, re)
-		case <-deadline:
-			c.t.Fatalf("%q did not appear within %v", re, timeout)
-		}
+func expect(t *testing.T, vm *VM, from int, re string) Match {
+	t.Helper()
+	m, err := vm.Expect(from, re, 5*time.Minute)
+	if err != nil {
+		t.Fatal(err)
 	}
+	return m
 }
 
 func TestSeed(t *testing.T) {
@@ -135,6 +70,12 @@ func TestSeed(t *testing.T) {
 	}
 }
 
+// TestCloudImageBoot boots the cloud image from a fresh copy on each
+// back-end and prints how long each took from QEMU's start to the end of
+// cloud-init (its "Cloud-init v. … finished" line):
+//   - qsd-raw: the plaintext image served by qemu-storage-daemon;
+//   - hemd-encrypted: the image imported into an encrypted volume under an
+//     HSM-backed key, served by hemd (see bootEncrypted).
 func TestCloudImageBoot(t *testing.T) {
 	vmtest.RequireQEMU(t)
 	if testing.Short() {
@@ -146,6 +87,22 @@ func TestCloudImageBoot(t *testing.T) {
 		t.Fatalf("building the cloud image: %v", err)
 	}
 	t.Logf("cloud image %s ready in %v", im.Key, time.Since(t0).Round(time.Millisecond))
+	var raw, enc time.Duration
+	t.Run("qsd-raw", func(t *testing.T) { raw = bootRaw(t, im) })
+	t.Run("hemd-encrypted", func(t *testing.T) { enc = bootEncrypted(t, im) })
+	secs := func(d time.Duration) string {
+		if d == 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%.1f s", d.Seconds())
+	}
+	t.Logf("boot to cloud-init final: hemd-encrypted %s, qsd-raw %s", secs(enc), secs(raw))
+}
+
+// bootRaw boots a plaintext copy of the image on qemu-storage-daemon;
+// cloud-init writes a file and powers off, and the host finds the file in
+// the image with debugfs. It returns the time to cloud-init's end.
+func bootRaw(t *testing.T, im *Image) time.Duration {
 	dir := t.TempDir()
 	disk := filepath.Join(dir, "root.img")
 	if err := im.CopyTo(disk); err != nil {
@@ -155,30 +112,170 @@ func TestCloudImageBoot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	served := vmtest.QSD{}.Serve(t, disk, 1)
-	vm := startQEMU(t, BootArgs(im, served.Socket, 1, seed))
-	const timeout = 5 * time.Minute
-	boot := vm.expect(`^HEMD-CLOUDINIT-DONE`, timeout)
-	t.Logf("boot time under TCG (QEMU start → cloud-init runcmd marker): %v", boot.Round(100*time.Millisecond))
-	fin := vm.expect(`Cloud-init v\. .* finished`, timeout)
-	t.Logf("cloud-init finished at %v", fin.Round(100*time.Millisecond))
-	select {
-	case <-vm.exited:
-		if vm.err != nil {
-			t.Fatalf("QEMU: %v", vm.err)
-		}
-	case <-time.After(2 * time.Minute):
-		t.Fatal("the guest did not power off")
+	served := vmtest.QSD{}.Serve(t, disk, 2)
+	vm := startVM(t, BootArgs(im, served.Socket, 2, seed))
+	done := expect(t, vm, 0, `^HEMD-CLOUDINIT-DONE`)
+	fin := expect(t, vm, done.Next, `Cloud-init v\. .* finished`)
+	t.Logf("cloud-init runcmd marker at %.1f s, finished at %.1f s", done.At.Seconds(), fin.At.Seconds())
+	if err := vm.Wait(2 * time.Minute); err != nil {
+		t.Fatal(err)
 	}
-	t.Logf("QEMU exited after %v", time.Since(vm.start).Round(100*time.Millisecond))
 	served.Stop(t)
 	out, err := exec.Command("debugfs", "-R", "cat /var/lib/hemd-cloudinit-marker", disk).Output()
 	if err != nil || strings.TrimSpace(string(out)) != "hemd-cloudinit-file" {
 		t.Fatalf("the file cloud-init wrote is not on the root disk: %v: %q", err, out)
 	}
-	if _, err := os.Stat(im.Disk); err != nil {
+	return fin.At
+}
+
+// secret is what the guest on the encrypted volume writes, 4096 times: the
+// host's volume file must hold none of it.
+const secret = "HEMD-CLOUD-PLAINTEXT-5d1c0e7b-the-host-must-never-see-this"
+
+// encryptedUserData has the guest write a file full of the secret, fsync
+// it, drop its caches and read it back, then reboot once (power_state runs
+// once per instance); on the next boot a per-boot script finds the file
+// intact and powers off. Each step prints a marker on the console with the
+// boot's id, so that the second marker is seen to come from another boot.
+var encryptedUserData = strings.ReplaceAll(`#cloud-config
+write_files:
+  - path: /usr/local/sbin/hemd-first-boot
+    permissions: '0755'
+    content: |
+      #!/bin/sh
+      set -e
+      mkdir -p /var/lib/hemd
+      cd /var/lib/hemd
+      i=0
+      while [ $i -lt 4096 ]; do echo "@SECRET@ $i"; i=$((i+1)); done > secret.txt
+      sync secret.txt
+      md5sum secret.txt > secret.md5
+      sync secret.md5 .
+      echo 3 > /proc/sys/vm/drop_caches
+      md5sum -c --status secret.md5
+      touch rebooted
+      sync
+      echo "HEMD-WRITTEN $(wc -c < secret.txt) bytes md5 $(cut -c1-12 secret.md5) read back, boot $(cat /proc/sys/kernel/random/boot_id)" > /dev/ttyS0
+  - path: /var/lib/cloud/scripts/per-boot/hemd-second-boot
+    permissions: '0755'
+    content: |
+      #!/bin/sh
+      [ -f /var/lib/hemd/rebooted ] || exit 0
+      cd /var/lib/hemd
+      if md5sum -c --status secret.md5 && [ "$(grep -c '@SECRET@' secret.txt)" = 4096 ]; then r=ok; else r=fail; fi
+      echo "HEMD-SECOND-BOOT $r md5 $(cut -c1-12 secret.md5), boot $(cat /proc/sys/kernel/random/boot_id)" > /dev/ttyS0
+      systemctl --no-block poweroff
+runcmd:
+  - [sh, -c, '/usr/local/sbin/hemd-first-boot || echo HEMD-FAIL first boot > /dev/ttyS0']
+power_state:
+  mode: reboot
+  delay: now
+  condition: true
+  timeout: 60
+`, "@SECRET@", secret)
+
+// attachEvent is hemd's log of an attach (not of a refused or failed one).
+var attachEvent = regexp.MustCompile(`event=attach\b[^-]`)
+
+// bootEncrypted imports the image into an encrypted volume under an
+// HSM-backed key (embedded SoftHSM2 KMS in a fresh state directory), serves
+// it with hemd and boots it with encryptedUserData: the guest writes a
+// file, reads it back, reboots inside the same QEMU and finds the file
+// again. Afterwards the volume file holds none of the file's plaintext,
+// hemd's export of the volume has the file, and each boot's attach asked
+// the KMS (Decrypt). It returns the first boot's time to cloud-init's end.
+func bootEncrypted(t *testing.T, im *Image) time.Duration {
+	dir := t.TempDir()
+	bin, err := vmtest.BuildHemd(dir)
+	if err != nil {
 		t.Fatal(err)
 	}
+	state := filepath.Join(dir, "state")
+	env := []string{"HEMD_STATE_DIR=" + state, "SOFTHSM2_CONF="}
+	hemd := func(args ...string) string {
+		t.Helper()
+		cmd := exec.Command(bin, args...)
+		cmd.Env = append(os.Environ(), env...)
+		var errb strings.Builder
+		cmd.Stderr = &errb
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("hemd %s: %v\n%s", strings.Join(args, " "), err, errb.String())
+		}
+		return strings.TrimSpace(string(out))
+	}
+	hemd("key", "create", "--alias", "alias/cloudimage")
+	vol := filepath.Join(dir, "root.vol")
+	t0 := time.Now()
+	volID := hemd("volume", "import", "--from", im.Disk, "--key", "alias/cloudimage", vol)
+	t.Logf("imported %s into encrypted volume %s in %v", im.Disk, volID, time.Since(t0).Round(100*time.Millisecond))
+	seed, err := Seed(dir, encryptedUserData, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	decrypts := func() int {
+		b, err := os.ReadFile(filepath.Join(state, "audit.log"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Count(string(b), `"eventName":"Decrypt"`)
+	}
+	before := decrypts()
+	served := vmtest.Hemd{Bin: bin, Env: env}.Serve(t, vol, 2)
+	vm := startVM(t, Rebootable(BootArgs(im, served.Socket, 2, seed)))
+	written := expect(t, vm, 0, `^HEMD-(WRITTEN|FAIL).*boot (\S+)|^HEMD-FAIL`)
+	if written.Sub[1] != "WRITTEN" {
+		t.Fatalf("the guest failed: %s", written.Text)
+	}
+	fin := expect(t, vm, written.Next, `Cloud-init v\. .* finished`)
+	second := expect(t, vm, fin.Next, `^HEMD-SECOND-BOOT (\S+) .*boot (\S+)`)
+	if second.Sub[1] != "ok" {
+		t.Fatalf("after the reboot: %s", second.Text)
+	}
+	if second.Sub[2] == written.Sub[2] {
+		t.Fatalf("the file was checked in the boot that wrote it (boot id %s), not after a reboot", second.Sub[2])
+	}
+	t.Logf("file written and read back at %.1f s, cloud-init finished at %.1f s, checked after the reboot at %.1f s",
+		written.At.Seconds(), fin.At.Seconds(), second.At.Seconds())
+	if err := vm.Wait(2 * time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	served.Stop(t)
+
+	attaches := decrypts() - before
+	if attaches < 2 {
+		t.Errorf("%d KMS Decrypt(s) while the VM ran; want one attach at least for each of the two boots", attaches)
+	}
+	var attach, zeroize int
+	for _, l := range served.Log() {
+		if strings.Contains(l, "volume="+volID) {
+			attach += len(attachEvent.FindAllString(l, -1))
+			zeroize += strings.Count(l, "event=zeroize")
+		}
+	}
+	if attach < 2 || zeroize < 2 {
+		t.Errorf("hemd logged %d attach and %d zeroize events for %s; want 2 or more of each", attach, zeroize, volID)
+	}
+	n, err := Count(vol, []byte(secret[:30]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 0 {
+		t.Fatalf("the volume file holds the guest's plaintext %d times", n)
+	}
+	// The control: decrypted, the volume has the file.
+	plain := filepath.Join(dir, "plain.img")
+	hemd("volume", "export", vol, "--to", plain)
+	out, err := exec.Command("debugfs", "-R", "cat /var/lib/hemd/secret.txt", plain).Output()
+	if err != nil {
+		t.Fatalf("debugfs on the exported volume: %v", err)
+	}
+	if c := strings.Count(string(out), secret); c != 4096 {
+		t.Fatalf("the exported volume's /var/lib/hemd/secret.txt has the secret %d times, want 4096", c)
+	}
+	t.Logf("%d KMS Decrypts while the VM ran (%d attach, %d zeroize events); the volume file holds no plaintext, its export the whole file",
+		attaches, attach, zeroize)
+	return fin.At
 }
 
 func TestSparseCopy(t *testing.T) {
