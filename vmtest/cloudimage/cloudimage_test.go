@@ -114,7 +114,7 @@ func bootRaw(t *testing.T, im *Image) time.Duration {
 	}
 	served := vmtest.QSD{}.Serve(t, disk, 2)
 	vm := startVM(t, BootArgs(im, served.Socket, 2, seed))
-	done := expect(t, vm, 0, `^HEMD-CLOUDINIT-DONE`)
+	done := expect(t, vm, 0, `HEMD-CLOUDINIT-DONE`)
 	fin := expect(t, vm, done.Next, `Cloud-init v\. .* finished`)
 	t.Logf("cloud-init runcmd marker at %.1f s, finished at %.1f s", done.At.Seconds(), fin.At.Seconds())
 	if err := vm.Wait(2 * time.Minute); err != nil {
@@ -223,12 +223,12 @@ func bootEncrypted(t *testing.T, im *Image) time.Duration {
 	before := decrypts()
 	served := vmtest.Hemd{Bin: bin, Env: env}.Serve(t, vol, 2)
 	vm := startVM(t, Rebootable(BootArgs(im, served.Socket, 2, seed)))
-	written := expect(t, vm, 0, `^HEMD-(WRITTEN|FAIL).*boot (\S+)|^HEMD-FAIL`)
+	written := expect(t, vm, 0, `HEMD-(WRITTEN|FAIL).*boot (\S+)|HEMD-FAIL`)
 	if written.Sub[1] != "WRITTEN" {
 		t.Fatalf("the guest failed: %s", written.Text)
 	}
 	fin := expect(t, vm, written.Next, `Cloud-init v\. .* finished`)
-	second := expect(t, vm, fin.Next, `^HEMD-SECOND-BOOT (\S+) .*boot (\S+)`)
+	second := expect(t, vm, fin.Next, `HEMD-SECOND-BOOT (\S+) .*boot (\S+)`)
 	if second.Sub[1] != "ok" {
 		t.Fatalf("after the reboot: %s", second.Text)
 	}

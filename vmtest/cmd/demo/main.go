@@ -1,8 +1,9 @@
-// Command demo is `make demo`: it creates an HSM-backed key and an encrypted
-// volume with hemd, boots a VM whose disk is that volume served by hemd over
-// vhost-user-blk, has the guest write a file, and then shows side by side
-// what the guest saw and what the host file holds, with the KMS audit
-// records of the attach.
+// Command demo is `make demo`: it creates an HSM-backed key, imports a
+// Debian 12 cloud image into an encrypted volume, boots a VM whose root disk
+// is that volume served by hemd over vhost-user-blk, has the guest write a
+// file, and then shows side by side what the guest read and what the host
+// file holds at the same place, with the KMS audit records of the attach.
+// --busybox runs the older, quicker demo on the small busybox test guest.
 package main
 
 import (
@@ -14,189 +15,199 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
-
-	"github.com/hemd/hemd/vmtest"
 )
-
-const message = "Hello from inside the VM. This sentence is plaintext to the guest; hemd stores only AES-256-XTS ciphertext."
 
 func main() {
 	hemd := flag.String("hemd", "build/hemd", "hemd binary")
-	dir := flag.String("dir", "build/demo", "where the demo keeps its state, volume and logs")
+	dir := flag.String("dir", "build/demo", "where the demo keeps its state, volume and logs (emptied first)")
+	busybox := flag.Bool("busybox", false, "boot the small busybox test guest on a new empty volume instead of the cloud image")
 	flag.Parse()
-	if err := run(*hemd, *dir); err != nil {
+	d, err := newDemo(*hemd, *dir)
+	if err == nil {
+		if *busybox {
+			err = d.busybox()
+		} else {
+			err = d.cloud()
+		}
+	}
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "demo: %v\n", err)
 		os.Exit(1)
 	}
 }
 
-func step(format string, a ...any) { fmt.Printf("\n==> "+format+"\n", a...) }
+// demo is one run: hemd's binary, and the directory with the state (the
+// SoftHSM2 token and the audit log), the volume and the logs.
+type demo struct {
+	bin, dir, state string
+	env             []string
+}
 
-func run(hemdBin, dir string) error {
+func newDemo(bin, dir string) (*demo, error) {
 	var err error
-	if hemdBin, err = filepath.Abs(hemdBin); err != nil {
-		return err
+	if bin, err = filepath.Abs(bin); err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(bin); err != nil {
+		return nil, fmt.Errorf("no hemd binary (make build, or --hemd): %w", err)
 	}
 	if dir, err = filepath.Abs(dir); err != nil {
-		return err
+		return nil, err
 	}
-	os.RemoveAll(dir)
-	state := filepath.Join(dir, "state")
-	vol := filepath.Join(dir, "vol.img")
-	sock := filepath.Join(dir, "vol.sock")
+	if err := os.RemoveAll(dir); err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
+		return nil, err
 	}
-	env := append(os.Environ(), "HEMD_STATE_DIR="+state)
-	hemd := func(args ...string) (string, error) {
-		cmd := exec.Command(hemdBin, args...)
-		cmd.Env = env
-		var out, errb bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &errb
-		fmt.Printf("$ hemd %s\n", strings.Join(args, " "))
-		if err := cmd.Run(); err != nil {
-			return "", fmt.Errorf("hemd %s: %v\n%s", strings.Join(args, " "), err, errb.String())
-		}
-		fmt.Print(out.String())
-		return out.String(), nil
-	}
+	state := filepath.Join(dir, "state")
+	// SOFTHSM2_CONF= lets hemd point SoftHSM2 at the state directory's
+	// token even if the caller's environment names another configuration.
+	env := append(os.Environ(), "HEMD_STATE_DIR="+state, "SOFTHSM2_CONF=")
+	return &demo{bin: bin, dir: dir, state: state, env: env}, nil
+}
 
-	step("1. A customer master key, created inside the HSM (SoftHSM2 token under %s)", state)
-	if _, err := hemd("key", "create", "--alias", "alias/demo", "--description", "hemd demo"); err != nil {
-		return err
-	}
-	step("2. An encrypted volume: its data key comes from the KMS, stored only wrapped")
-	if _, err := hemd("volume", "create", "--size", "64M", "--key", "alias/demo", vol); err != nil {
-		return err
-	}
-	if _, err := hemd("volume", "inspect", vol); err != nil {
-		return err
-	}
+func step(format string, a ...any) { fmt.Printf("\n==> "+format+"\n", a...) }
 
-	step("3. hemd serves the volume on %s; a VM boots with its disk there", sock)
-	serve := exec.Command(hemdBin, "serve", "--socket", sock, "--volume", vol, "--queues", "2")
-	serve.Env = env
-	logf, err := os.Create(filepath.Join(dir, "hemd.log"))
+// hemd runs a hemd command, printing it and what it prints on stdout, and
+// returns that output.
+func (d *demo) hemd(args ...string) (string, error) {
+	cmd := exec.Command(d.bin, args...)
+	cmd.Env = d.env
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	fmt.Printf("$ hemd %s\n", shellJoin(args))
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("hemd %s: %v\n%s", strings.Join(args, " "), err, errb.String())
+	}
+	fmt.Print(out.String())
+	return out.String(), nil
+}
+
+// serve starts hemd serve on sock with its output in hemd.log, waits for
+// the socket, and returns the function that stops it (SIGTERM: the file
+// is flushed and the socket removed).
+func (d *demo) serve(vol, sock string, queues int) (stop func(), err error) {
+	args := []string{"serve", "--socket", sock, "--volume", vol, "--queues", fmt.Sprint(queues)}
+	fmt.Printf("$ hemd %s &   (log: %s)\n", shellJoin(args), d.path("hemd.log"))
+	cmd := exec.Command(d.bin, args...)
+	cmd.Env = d.env
+	logf, err := os.Create(d.path("hemd.log"))
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer logf.Close()
-	serve.Stdout, serve.Stderr = logf, logf
-	if err := serve.Start(); err != nil {
-		return err
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return nil, err
 	}
-	defer func() { serve.Process.Signal(syscall.SIGTERM); serve.Wait() }()
-	for i := 0; i < 200; i++ {
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait(); logf.Close() }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-exited:
+			case <-time.After(15 * time.Second):
+				cmd.Process.Kill()
+				<-exited
+			}
+		})
+	}
+	for i := 0; i < 400; i++ {
 		if _, err := os.Stat(sock); err == nil {
-			break
+			return stop, nil
 		}
-		time.Sleep(25 * time.Millisecond)
-	}
-	fmt.Println("building (or reusing) the guest from Debian packages...")
-	g, err := vmtest.LoadGuest()
-	if err != nil {
-		return err
-	}
-	var console []string
-	offset := -1
-	vm, err := vmtest.Boot(g, func(format string, a ...any) {
-		line := fmt.Sprintf(format, a...)
-		if strings.HasPrefix(line, "console") {
-			if i := strings.Index(line, "s: "); i > 0 {
-				line = line[i+3:]
-			}
-			fmt.Sscanf(line, "GUEST-OFFSET %d", &offset)
-			if strings.HasPrefix(line, "GUEST|") {
-				console = append(console, strings.TrimPrefix(line, "GUEST|"))
-				fmt.Println("  guest> " + strings.TrimPrefix(line, "GUEST|"))
-			}
+		select {
+		case err := <-exited:
+			b, _ := os.ReadFile(d.path("hemd.log"))
+			return nil, fmt.Errorf("hemd serve exited (%v):\n%s", err, b)
+		case <-time.After(25 * time.Millisecond):
 		}
-	}, dir, vmtest.WithDisk(sock, 2), vmtest.WithScript(`
-mke2fs -q /dev/vda && mount -t ext4 /dev/vda /mnt
-echo "`+message+`" > /mnt/hello.txt
-sync
-echo "GUEST|$ cat /mnt/hello.txt"
-echo "GUEST|$(cat /mnt/hello.txt)"
-echo "GUEST|$ ls -l /mnt"
-ls -l /mnt | sed 's/^/GUEST|/'
-umount /mnt
-off=$(agent find /dev/vda 'Hello from inside the VM')
-echo "GUEST|the file's first bytes are at disk offset $off; the guest reads there:"
-dd if=/dev/vda bs=1 skip=$off count=32 2>/dev/null | hexdump -C | head -2 | sed 's/^/GUEST|/'
-echo "GUEST-OFFSET $off"
-echo "HEMD-RESULT ok demo"
-`))
-	if err != nil {
-		return err
 	}
-	if _, _, err := vm.ExpectErr(0, `HEMD-RESULT ok demo`, 3*time.Minute); err != nil {
-		vm.Kill()
-		return err
-	}
-	if err := vm.WaitErr(time.Minute); err != nil {
-		return err
-	}
+	stop()
+	return nil, fmt.Errorf("hemd serve: socket %s did not appear", sock)
+}
 
-	step("4. Side by side: what the guest saw, and what the host file holds")
-	raw, err := os.ReadFile(vol)
-	if err != nil {
-		return err
-	}
-	found := bytes.Contains(raw, []byte("Hello from inside the VM"))
-	fmt.Printf("  guest reads:  %s\n", message)
-	fmt.Printf("  host file:    %s (%d bytes; the guest's disk starts at offset 1 MiB, after the header)\n", vol, len(raw))
-	if offset >= 0 {
-		at := 1<<20 + offset
-		fmt.Printf("  the same 32 bytes read on the host at file offset %d:\n", at)
-		for i := 0; i < 32; i += 16 {
-			fmt.Printf("    %08x  % x\n", offset+i, raw[at+i:at+i+16])
-		}
-	}
-	fmt.Printf("  plaintext of the guest's file on the host: %v (grep -c 'Hello from inside the VM' finds %d)\n",
-		map[bool]string{true: "FOUND — something is wrong", false: "nowhere"}[found], bytes.Count(raw, []byte("Hello from inside the VM")))
-	if found {
-		return fmt.Errorf("the guest's plaintext is in the host file")
-	}
+func (d *demo) path(name string) string { return filepath.Join(d.dir, name) }
 
-	step("5. The KMS audit log: the attach unwrapped the data key through the HSM (Decrypt)")
-	b, err := os.ReadFile(filepath.Join(state, "audit.log"))
+// auditRecord is the part of a CloudTrail-shaped audit record the demo shows.
+type auditRecord struct {
+	EventTime         time.Time `json:"eventTime"`
+	EventName         string    `json:"eventName"`
+	ErrorCode         string    `json:"errorCode"`
+	RequestParameters struct {
+		KeyID             string            `json:"keyId"`
+		EncryptionContext map[string]string `json:"encryptionContext"`
+	} `json:"requestParameters"`
+}
+
+// printAudit prints the KMS audit log, one record a line, and returns how
+// many Decrypt records came after attachFrom: the attaches of the VM.
+func (d *demo) printAudit(attachFrom time.Time) (attaches int, err error) {
+	b, err := os.ReadFile(filepath.Join(d.state, "audit.log"))
 	if err != nil {
-		return err
+		return 0, err
 	}
+	fmt.Printf("  (%s: every KMS operation, CloudTrail-shaped JSON; never a key, plaintext or ciphertext)\n", filepath.Join(d.state, "audit.log"))
 	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-		var r struct {
-			EventTime         time.Time      `json:"eventTime"`
-			EventName         string         `json:"eventName"`
-			RequestParameters map[string]any `json:"requestParameters"`
-			ErrorCode         string         `json:"errorCode"`
+		var r auditRecord
+		if json.Unmarshal([]byte(line), &r) != nil {
+			continue
 		}
-		if json.Unmarshal([]byte(line), &r) == nil {
-			ctx, _ := json.Marshal(r.RequestParameters["encryptionContext"])
-			fmt.Printf("  %s %-32s %s %s\n", r.EventTime.Format("15:04:05.000"), r.EventName, ctx, r.ErrorCode)
+		ctx, note := "", ""
+		if len(r.RequestParameters.EncryptionContext) > 0 {
+			c, _ := json.Marshal(r.RequestParameters.EncryptionContext)
+			ctx = string(c)
 		}
+		switch {
+		case r.EventName == "Decrypt" && r.EventTime.After(attachFrom):
+			attaches++
+			note = fmt.Sprintf("<- attach %d: the disk started, hemd unwraps the data key", attaches)
+		case r.EventName == "Decrypt":
+			note = "<- hemd volume import"
+		case r.EventName == "GenerateDataKeyWithoutPlaintext":
+			note = "<- the volume's data key, returned only wrapped"
+		}
+		key := r.RequestParameters.KeyID
+		if i := strings.LastIndex(key, "/"); i >= 0 {
+			key = "key/" + key[i+1:i+1+min(8, len(key)-i-1)] + "…"
+		}
+		fmt.Println(strings.TrimRight(fmt.Sprintf("  %s %-31s %-14s %s %s %s", r.EventTime.Local().Format("15:04:05.000"), r.EventName, key, ctx, r.ErrorCode, note), " "))
 	}
-	events, _ := os.ReadFile(filepath.Join(dir, "hemd.log"))
-	step("6. hemd's own events (attach = KMS Decrypt into locked memory, zeroize = key wiped at stop)")
-	for _, l := range strings.Split(string(events), "\n") {
+	return attaches, nil
+}
+
+// printEvents prints hemd's key events from its log.
+func (d *demo) printEvents() {
+	b, _ := os.ReadFile(d.path("hemd.log"))
+	for _, l := range strings.Split(string(b), "\n") {
 		if strings.Contains(l, "event=") {
+			if i := strings.Index(l, " key="); i > 0 {
+				l = l[:i] // the key ARN is in the audit records above
+			}
 			fmt.Println("  " + l)
 		}
 	}
+}
 
-	step("Where the pieces are, and how to boot the VM again by hand")
-	fmt.Printf(`  state (SoftHSM2 token, PINs 0600, key metadata, audit log): %s
-  encrypted volume: %s
-  hemd log: %s
-  guest kernel and initramfs: %s, %s
+// shellJoin quotes args for sh and joins them.
+func shellJoin(args []string) string {
+	q := make([]string, len(args))
+	for i, a := range args {
+		q[i] = shellQuote(a)
+	}
+	return strings.Join(q, " ")
+}
 
-  HEMD_STATE_DIR=%s %s serve --socket %s --volume %s &
-  qemu-system-x86_64 -machine q35,accel=tcg -cpu max -m 512 -smp 2 -nographic \
-    -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
-    -kernel %s -initrd %s -append console=ttyS0 \
-    -chardev socket,id=c0,path=%s -device vhost-user-blk-pci,chardev=c0,num-queues=2
-  (the busybox guest's /init looks for /scenario.sh; without one it says so and powers off)
-`, state, vol, filepath.Join(dir, "hemd.log"), g.Kernel, g.Initrd, state, hemdBin, sock, vol, g.Kernel, g.Initrd, sock)
-	return nil
+// shellQuote quotes an argument for sh when it needs it.
+func shellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_=.,/:+@%") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
