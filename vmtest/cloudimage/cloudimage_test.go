@@ -308,3 +308,34 @@ func TestSparseCopy(t *testing.T) {
 		t.Errorf("the copy is not sparse: %d bytes allocated", st.Blocks*512)
 	}
 }
+
+func TestCount(t *testing.T) {
+	dir := t.TempDir()
+	needle := []byte("HEMD-NEEDLE")
+	// Count reads 4 MiB + len(needle)-1 bytes first: a needle at each
+	// offset around the end of that read is found once.
+	end := 4<<20 + len(needle) - 1
+	b := make([]byte, end+100)
+	for at := end - len(needle) - 2; at <= end+2; at++ {
+		clear(b)
+		copy(b[at:], needle)
+		copy(b[len(b)-len(needle):], needle)
+		p := filepath.Join(dir, "f")
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if n, err := Count(p, needle); err != nil || n != 2 {
+			t.Errorf("needle at %d and at the end: Count = %d, %v; want 2", at, n, err)
+		}
+	}
+	// A periodic needle is counted without overlaps, as bytes.Count does.
+	p := filepath.Join(dir, "g")
+	if err := os.WriteFile(p, []byte("xaaaaay"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for needle, want := range map[string]int{"aa": 2, "absent": 0, "xaaaaay": 1} {
+		if n, err := Count(p, []byte(needle)); err != nil || n != want {
+			t.Errorf("Count(%q) = %d, %v; want %d", needle, n, err, want)
+		}
+	}
+}
