@@ -34,6 +34,9 @@ func (l *dirtyLog) set(fd int, size, offset uint64) error {
 	if size == 0 || size > 1<<40 || offset > 1<<40 {
 		return fmt.Errorf("%w: log size %d offset %d", ErrPayloadSize, size, offset)
 	}
+	if err := fitsFile(fd, size+offset); err != nil {
+		return fmt.Errorf("dirty log: %w", err)
+	}
 	m, err := unix.Mmap(fd, 0, int(size+offset), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
 		return fmt.Errorf("mmap dirty log (%d bytes at %d): %w", size, offset, err)
@@ -99,4 +102,18 @@ func orByte(b *byte, v byte) {
 	p := uintptr(unsafe.Pointer(b))
 	w := (*uint32)(unsafe.Add(unsafe.Pointer(b), -int(p&3)))
 	atomic.OrUint32(w, uint32(v)<<((p&3)*8))
+}
+
+// fitsFile checks that fd's file holds n bytes: touching a shared mapping
+// past the end of its file is SIGBUS, so a front-end that claims more than
+// it sent would crash the back-end.
+func fitsFile(fd int, n uint64) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("fstat: %w", err)
+	}
+	if st.Size < 0 || uint64(st.Size) < n {
+		return fmt.Errorf("%w: %d bytes claimed, the file has %d", ErrPayloadSize, n, st.Size)
+	}
+	return nil
 }

@@ -107,6 +107,9 @@ func mapInflight(fd int, size, offset uint64, numQueues, queueSize uint16) (*inf
 	if size < need || size > 1<<30 || offset > 1<<30 {
 		return nil, fmt.Errorf("%w: %d bytes at %d for %d queues of %d (want %d)", ErrInflight, size, offset, numQueues, queueSize, need)
 	}
+	if err := fitsFile(fd, size+offset); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInflight, err)
+	}
 	m, err := unix.Mmap(fd, 0, int(size+offset), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
 		return nil, fmt.Errorf("mmap inflight region: %w", err)

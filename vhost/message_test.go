@@ -132,6 +132,12 @@ func TestMessageErrors(t *testing.T) {
 			{m: func(t *testing.T) *message {
 				return msg(ReqSetInflightFd, append(le64(1024, 0), le32(128<<16|1)...), memfd(t, mb))
 			}, want: ErrInflight}}},
+		{"set inflight region beyond its file", []step{owner, ok(ReqSetProtocolFeatures, le64(ProtoInflightShmfd)),
+			{m: func(t *testing.T) *message {
+				return msg(ReqSetInflightFd, append(le64(4*mb, 0), le32(128<<16|1)...), memfd(t, mb))
+			}, want: ErrInflight}}},
+		{"log base beyond its file", []step{owner, ok(ReqSetProtocolFeatures, le64(ProtoLogShmfd)),
+			{m: func(t *testing.T) *message { return msg(ReqSetLogBase, le64(2*mb, 0), memfd(t, mb)) }, want: ErrPayloadSize}}},
 		{"set inflight no fd", []step{owner, ok(ReqSetProtocolFeatures, le64(ProtoInflightShmfd)),
 			{m: func(*testing.T) *message { return msg(ReqSetInflightFd, append(le64(mb, 0), le32(128<<16|1)...)) }, want: ErrFdCount}}},
 		{"set features short", []step{{m: func(*testing.T) *message { return msg(ReqSetFeatures, le32(1)) }, want: ErrPayloadSize}}},
@@ -266,6 +272,10 @@ func FuzzMessage(f *testing.F) {
 	f.Add(byte(1), append(le32(uint32(ReqSetOwner), 1, 0), append(le32(uint32(ReqSetMemTable), 1, 40), memTable(1, [4]uint64{0, 1 << 20, 1 << 40, 0})...)...))
 	f.Add(byte(0), append(le32(uint32(ReqGetConfig), 1, 20), append(le32(0, 8, 0), make([]byte, 8)...)...))
 	f.Add(byte(2), append(le32(uint32(ReqSetVringKick), 1, 8), le64(0)...))
+	proto := append(le32(uint32(ReqSetOwner), 1, 0), append(le32(uint32(ReqSetProtocolFeatures), 1, 8), le64(ProtoInflightShmfd|ProtoLogShmfd)...)...)
+	f.Add(byte(0), append(proto, append(le32(uint32(ReqGetInflightFd), 1, 24), append(le64(0, 0), le32(128<<16|2, 0)...)...)...))
+	f.Add(byte(1), append(proto, append(le32(uint32(ReqSetInflightFd), 1, 24), append(le64(1<<20, 0), le32(128<<16|2, 0)...)...)...))
+	f.Add(byte(1), append(proto, append(le32(uint32(ReqSetLogBase), 1, 16), le64(4096, 0)...)...))
 	f.Fuzz(func(t *testing.T, nfds byte, stream []byte) {
 		s, _ := testSession(t)
 		for len(stream) >= headerSize {
