@@ -617,6 +617,8 @@ func (s *session) stopRing(i int) {
 	s.pause(i)
 	if r.q != nil {
 		r.base = r.q.LastAvail()
+		s.log.Debug("ring stopped", "queue", i, "last_avail", r.base, "used_idx", r.q.UsedIdx(),
+			"dirty_marks_outside_log", s.dlog.outside.Load())
 		r.q = nil
 	}
 	r.kickSet = false
@@ -747,6 +749,7 @@ func (s *session) recoverInflight(i int, r *vring, q *virtq.Queue) error {
 		return err
 	}
 	used, base := q.UsedIdx(), q.LastAvail()
+	s.log.Debug("ring starting", "queue", i, "base", base, "used_idx", used, "in_flight", len(heads))
 	switch {
 	case len(heads) > 0:
 		s.log.Info("ring restarted after a back-end restart",
