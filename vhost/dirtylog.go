@@ -31,7 +31,7 @@ type dirtyLog struct {
 
 // set maps size bytes at offset of fd as the new log and unmaps the old one.
 func (l *dirtyLog) set(fd int, size, offset uint64) error {
-	if size == 0 || size > 1<<40 || offset > 1<<40 {
+	if size == 0 || size > 1<<40 || offset > 1<<40 || offset%8 != 0 {
 		return fmt.Errorf("%w: log size %d offset %d", ErrPayloadSize, size, offset)
 	}
 	if err := fitsFile(fd, size+offset); err != nil {
@@ -96,12 +96,15 @@ func (l *dirtyLog) mark(gpa, n uint64) {
 	}
 }
 
-// orByte ORs v into *b atomically, through the aligned 32-bit word holding
-// it (the log is shared with the front-end, which clears bits concurrently).
+// orByte ORs v into *b atomically, through the aligned 64-bit word holding
+// it. The front-end reads and clears the log concurrently a 64-bit word at
+// a time (QEMU: an atomic exchange per unsigned long), and x86 guarantees
+// atomicity between locked operations only at the same address and size:
+// a narrower OR racing the exchange could be lost.
 func orByte(b *byte, v byte) {
 	p := uintptr(unsafe.Pointer(b))
-	w := (*uint32)(unsafe.Add(unsafe.Pointer(b), -int(p&3)))
-	atomic.OrUint32(w, uint32(v)<<((p&3)*8))
+	w := (*uint64)(unsafe.Add(unsafe.Pointer(b), -int(p&7)))
+	atomic.OrUint64(w, uint64(v)<<((p&7)*8))
 }
 
 // fitsFile checks that fd's file holds n bytes: touching a shared mapping

@@ -554,6 +554,7 @@ func (s *session) maybeStart(i int) error {
 	if r.run != nil || !r.kickSet || !r.enabled || !r.addrSet || r.num == 0 || s.mem == nil {
 		return nil
 	}
+	fresh := r.q == nil
 	if r.q == nil {
 		q, err := virtq.New(s.mem, r.num, r.addr.Addrs, r.base,
 			s.features&FeatEventIdx != 0, s.features&FeatIndirectDesc != 0)
@@ -589,6 +590,15 @@ func (s *session) maybeStart(i int) error {
 	}
 	r.run = run
 	r.resubmit = nil
+	if fresh && r.call >= 0 {
+		// The interrupt for completions published just before the ring
+		// last stopped may have been lost with the front-end that stopped
+		// it (the source of a migration, a QEMU that reconnects): the
+		// driver would then wait for them forever. An extra interrupt only
+		// makes it look at its used ring.
+		var one = [8]byte{1}
+		_, _ = unix.Write(r.call, one[:])
+	}
 	return nil
 }
 

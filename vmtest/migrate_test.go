@@ -45,7 +45,7 @@ func TestLiveMigration(t *testing.T) {
 	// Migrate once the soak is well under way.
 	_, at := srcVM.Expect(0, `HEMD-SOAK t=5s`, 2*time.Minute)
 	decrypts := auditCount(t, state, "Decrypt")
-	if err := sq.SetMigrateParameters(map[string]any{"max-bandwidth": int64(96 << 20), "downtime-limit": 500}); err != nil {
+	if err := sq.SetMigrateParameters(map[string]any{"max-bandwidth": int64(4 << 30), "downtime-limit": 500}); err != nil {
 		t.Fatal(err)
 	}
 	began := time.Now()
