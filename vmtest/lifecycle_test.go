@@ -22,8 +22,8 @@ func newEncVolume(t *testing.T, size string) encVolume {
 	t.Helper()
 	dir := t.TempDir()
 	v := encVolume{state: filepath.Join(dir, "state"), path: filepath.Join(dir, "vol.img")}
-	cli(t, v.state, "key", "create", "--alias", "alias/lifecycle")
-	v.id = strings.TrimSpace(cli(t, v.state, "volume", "create", "--size", size, "--key", "alias/lifecycle", v.path))
+	cli(t, v.state, "key", "create", "--alias", "alias/vmtest")
+	v.id = strings.TrimSpace(cli(t, v.state, "volume", "create", "--size", size, "--key", "alias/vmtest", v.path))
 	v.hemd = Hemd{Bin: hemdBin, Env: []string{"HEMD_STATE_DIR=" + v.state, "SOFTHSM2_CONF="}}
 	return v
 }

@@ -2,7 +2,6 @@ package vmtest
 
 import (
 	"context"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -26,13 +25,9 @@ func soakScript(seconds, workers int, seed uint64) string {
 // unwrapped it through the KMS (a Decrypt in the audit log).
 func TestLiveMigration(t *testing.T) {
 	g := BuildGuest(t)
-	dir := t.TempDir()
-	state := filepath.Join(dir, "state")
-	cli(t, state, "key", "create", "--alias", "alias/migrate")
-	vol := filepath.Join(dir, "vol.img")
-	volID := strings.TrimSpace(cli(t, state, "volume", "create", "--size", "64M", "--key", "alias/migrate", vol))
+	v := newEncVolume(t, "64M")
+	state, vol, volID, h := v.state, v.path, v.id, v.hemd
 	wins := keyWindows(t, state, vol)
-	h := Hemd{Bin: hemdBin, Env: []string{"HEMD_STATE_DIR=" + state, "SOFTHSM2_CONF="}}
 	src := h.Serve(t, vol, 2)
 	dst := h.Serve(t, vol, 2)
 

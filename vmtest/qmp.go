@@ -239,33 +239,35 @@ func (q *QMP) WaitEvent(ctx context.Context, name string) (qmp.Event, error) {
 // a MIGRATION event whose data status is "completed".
 func (q *QMP) WaitEventMatch(ctx context.Context, name string, match func(qmp.Event) bool) (qmp.Event, error) {
 	for {
-		q.mu.Lock()
-		for i, e := range q.events {
-			if !q.taken[i] && e.Event == name && (match == nil || match(e)) {
-				q.taken[i] = true
-				q.mu.Unlock()
-				return e, nil
-			}
+		if e, ok := q.take(name, match); ok {
+			return e, nil
 		}
-		q.mu.Unlock()
 		select {
 		case <-q.changed:
 		case <-q.done:
 			// The stream ended: look once more at what arrived before.
-			q.mu.Lock()
-			for i, e := range q.events {
-				if !q.taken[i] && e.Event == name && (match == nil || match(e)) {
-					q.taken[i] = true
-					q.mu.Unlock()
-					return e, nil
-				}
+			if e, ok := q.take(name, match); ok {
+				return e, nil
 			}
-			q.mu.Unlock()
 			return qmp.Event{}, fmt.Errorf("qmp: connection closed before event %s", name)
 		case <-ctx.Done():
 			return qmp.Event{}, fmt.Errorf("qmp: waiting for event %s: %w", name, ctx.Err())
 		}
 	}
+}
+
+// take returns the oldest event called name satisfying match that no
+// earlier call returned, and marks it returned.
+func (q *QMP) take(name string, match func(qmp.Event) bool) (qmp.Event, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for i, e := range q.events {
+		if !q.taken[i] && e.Event == name && (match == nil || match(e)) {
+			q.taken[i] = true
+			return e, true
+		}
+	}
+	return qmp.Event{}, false
 }
 
 // Events returns every event received so far, oldest first.

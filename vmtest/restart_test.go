@@ -17,13 +17,9 @@ import (
 func TestBackendKillRestart(t *testing.T) {
 	const kills = 6
 	g := BuildGuest(t)
-	dir := t.TempDir()
-	state := filepath.Join(dir, "state")
-	cli(t, state, "key", "create", "--alias", "alias/restart")
-	vol := filepath.Join(dir, "vol.img")
-	volID := strings.TrimSpace(cli(t, state, "volume", "create", "--size", "64M", "--key", "alias/restart", vol))
-	h := Hemd{Bin: hemdBin, Env: []string{"HEMD_STATE_DIR=" + state, "SOFTHSM2_CONF="}}
-	sock := filepath.Join(dir, "hemd.sock")
+	v := newEncVolume(t, "64M")
+	vol, volID, h := v.path, v.id, v.hemd
+	sock := filepath.Join(t.TempDir(), "hemd.sock")
 	srv := h.ServeOn(t, sock, vol, 2)
 	vm := Start(t, g, WithDisk(sock, 2), WithReconnect(), WithScript(soakScript(40, 8, 5)))
 
