@@ -46,7 +46,12 @@ func startRunner(q *virtq.Queue, h Handler, io ringIO, log *slog.Logger, fatal f
 	go func() {
 		defer close(r.done)
 		var err error
-		shielded(func() { err = r.loop(q, h, &io) })
+		shielded(func() {
+			err = r.loop(q, h, &io)
+			if c, ok := h.(interface{ Close() error }); ok {
+				_ = c.Close()
+			}
+		})
 		if err != nil {
 			log.Error("queue stopped: ring corrupt", "queue", io.idx, "err", err)
 			fatal(fmt.Errorf("queue %d: %w", io.idx, err))
@@ -65,6 +70,10 @@ func (r *runner) stopAndWait() {
 func (r *runner) loop(q *virtq.Queue, h Handler, io *ringIO) error {
 	var chain virtq.Chain
 	chain.Segs = make([]virtq.Seg, 0, q.Size())
+	var b *batch
+	if bh, ok := h.(BatchHandler); ok {
+		b = newBatch(bh, min(batchLimit, int(q.Size())), int(q.Size()))
+	}
 	kick := io.kick
 	fds := []unix.PollFd{{Fd: int32(r.stop), Events: unix.POLLIN}, {Fd: int32(kick), Events: unix.POLLIN}}
 	timeout := -1
@@ -92,7 +101,11 @@ func (r *runner) loop(q *virtq.Queue, h Handler, io *ringIO) error {
 			q.DisableNotify()
 			n := 0
 			for {
-				ok, err := q.Next(&chain)
+				c := &chain
+				if b != nil {
+					c = b.next()
+				}
+				ok, err := q.Next(c)
 				if err != nil {
 					return err
 				}
@@ -100,13 +113,23 @@ func (r *runner) loop(q *virtq.Queue, h Handler, io *ringIO) error {
 					break
 				}
 				if io.inflight != nil {
-					io.inflight.take(chain.Head)
+					io.inflight.take(c.Head)
 				}
-				r.serve(q, h, io, &chain)
+				if b != nil {
+					if b.n++; b.n == len(b.chains) {
+						r.serveBatch(q, b, io)
+						r.publish(q, io)
+					}
+					continue
+				}
+				r.serve(q, h, io, c)
 				if n++; n == batchLimit {
 					r.publish(q, io)
 					n = 0
 				}
+			}
+			if b != nil && b.n > 0 {
+				r.serveBatch(q, b, io)
 			}
 			r.publish(q, io)
 			more, err := q.EnableNotify()
@@ -140,11 +163,49 @@ func (r *runner) loop(q *virtq.Queue, h Handler, io *ringIO) error {
 	}
 }
 
+// batch is the chains of one avail batch, served together by a
+// BatchHandler.
+type batch struct {
+	h       BatchHandler
+	chains  []virtq.Chain
+	ptrs    []*virtq.Chain
+	written []uint32
+	n       int // chains taken so far
+}
+
+func newBatch(h BatchHandler, n, segs int) *batch {
+	b := &batch{h: h, chains: make([]virtq.Chain, n), ptrs: make([]*virtq.Chain, n), written: make([]uint32, n)}
+	for i := range b.chains {
+		b.chains[i].Segs = make([]virtq.Seg, 0, segs)
+		b.ptrs[i] = &b.chains[i]
+	}
+	return b
+}
+
+// next is the chain the next one taken goes into.
+func (b *batch) next() *virtq.Chain { return &b.chains[b.n] }
+
+// serveBatch hands the taken chains to the handler and puts them on the used
+// ring in the order they were taken.
+func (r *runner) serveBatch(q *virtq.Queue, b *batch, io *ringIO) {
+	clear(b.written[:b.n])
+	b.h.HandleBatch(b.ptrs[:b.n], b.written[:b.n])
+	for i := range b.n {
+		r.complete(q, io, &b.chains[i], b.written[i])
+	}
+	b.n = 0
+}
+
 // serve handles one chain and puts it on the used ring (unpublished). While
 // migration logs dirty pages, every device-writable buffer of the chain is
 // marked after the handler wrote it.
 func (r *runner) serve(q *virtq.Queue, h Handler, io *ringIO, c *virtq.Chain) {
-	written := h.Handle(c)
+	r.complete(q, io, c, h.Handle(c))
+}
+
+// complete puts a served chain on the used ring (unpublished), after marking
+// its device-writable buffers dirty while migration logs.
+func (r *runner) complete(q *virtq.Queue, io *ringIO, c *virtq.Chain, written uint32) {
 	if io.dlog != nil && io.dlog.on.Load() {
 		for i := range c.Segs {
 			if s := &c.Segs[i]; s.Write {

@@ -58,6 +58,17 @@ type Handler interface {
 	Handle(c *virtq.Chain) uint32
 }
 
+// BatchHandler is a Handler that serves the chains of one avail batch
+// together (one system call for all their I/O, say). The runner uses it when
+// a handler has it; it may also implement io.Closer, called when the ring
+// stops.
+type BatchHandler interface {
+	Handler
+	// HandleBatch serves cs and sets written[i] to the bytes written into
+	// cs[i]. Every chain is complete when it returns.
+	HandleBatch(cs []*virtq.Chain, written []uint32)
+}
+
 // Server serves a Device to one front-end at a time over a Listener.
 type Server struct {
 	Device Device

@@ -32,6 +32,7 @@ type volumeConfig struct {
 	ReadOnly  bool   `toml:"read_only"`  // refuse writes
 	Discard   bool   `toml:"discard"`    // let the guest discard (punch holes)
 	Direct    bool   `toml:"direct"`     // O_DIRECT for aligned I/O
+	IO        string `toml:"io"`         // "uring" (default, falls back to "sync" where refused) or "sync"
 	BlockSize uint32 `toml:"block_size"` // logical block size, 512 or 4096
 }
 
@@ -61,6 +62,12 @@ func loadConfig(path string) (*fileConfig, error) {
 	return &c, nil
 }
 
+// The ways a volume's reads and writes reach the kernel.
+const (
+	ioUring = "uring" // a queue's batch of requests in one io_uring submission
+	ioSync  = "sync"  // one preadv or pwritev per request
+)
+
 // fill checks a volume's settings and fills in defaults.
 func (v *volumeConfig) fill() error {
 	if v.Socket == "" {
@@ -74,6 +81,13 @@ func (v *volumeConfig) fill() error {
 	}
 	if v.BlockSize == 0 {
 		v.BlockSize = 512
+	}
+	switch v.IO {
+	case "":
+		v.IO = ioUring
+	case ioUring, ioSync:
+	default:
+		return fmt.Errorf("io %q: want %q or %q", v.IO, ioUring, ioSync)
 	}
 	if v.ID == "" {
 		v.ID = defaultVolumeID(v.Path)

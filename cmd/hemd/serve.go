@@ -28,6 +28,7 @@ func serveCommand(ctx context.Context, g globalFlags, args []string, stdout, std
 	fs.BoolVar(&v.ReadOnly, "read-only", false, "refuse writes")
 	fs.BoolVar(&v.Discard, "discard", false, "let the guest discard (punch holes)")
 	fs.BoolVar(&v.Direct, "direct", false, "use O_DIRECT for aligned I/O")
+	fs.StringVar(&v.IO, "io", ioUring, "how I/O reaches the kernel: uring (a batch of requests per io_uring submission; sync where the kernel refuses io_uring) or sync (one preadv/pwritev per request)")
 	bs := fs.Uint("block-size", 512, "logical block size, 512 or 4096")
 	metricsAddr := fs.String("metrics", "", "serve Prometheus /metrics and /status on HOST:PORT or unix:PATH")
 	fs.Usage = func() {
@@ -182,6 +183,22 @@ func openServed(ctx context.Context, v volumeConfig, log *slog.Logger, kmsFor fu
 		return fail(fmt.Errorf("volume %s: %w", v.Path, herr))
 	}
 	vl := log.With("volume", s.cfg.ID)
+	if v.IO == ioUring {
+		var newBatch func(depth int) *storage.Batch
+		switch st := store.(type) {
+		case *storage.File:
+			newBatch = func(d int) *storage.Batch { return st.NewBatch(d, false) }
+		case *storage.Section:
+			newBatch = func(d int) *storage.Batch { return st.NewBatch(d, false) }
+		}
+		if b := newBatch(1); !b.Uring() {
+			vl.Warn("io_uring refused by the kernel: one system call per request")
+			b.Close()
+		} else {
+			b.Close()
+			store = blk.WithBatches(store, func(d int) blk.Batch { return newBatch(d) })
+		}
+	}
 	cfg := blk.Config{
 		ID: s.cfg.ID, Store: store, BlockSize: s.cfg.BlockSize, ReadOnly: v.ReadOnly,
 		Discard: v.Discard, Queues: v.Queues, Log: vl,

@@ -31,6 +31,7 @@ type rig struct {
 }
 
 type rigOpts struct {
+	sync   bool // one system call per request (no Batch)
 	size   int64
 	cfg    Config
 	fe     frontend.Options
@@ -67,6 +68,9 @@ func newRig(t *testing.T, o rigOpts) *rig {
 	}
 	cfg := o.cfg
 	cfg.Store = st
+	if !o.sync {
+		cfg.Store = WithBatches(st, func(d int) Batch { return st.NewBatch(d, false) })
+	}
 	if cfg.ID == "" {
 		cfg.ID = "vol-0123456789abcdef0"
 	}
@@ -136,12 +140,19 @@ type blkIO struct {
 // do submits one request on queue q and returns its status and used length.
 func (r *rig) do(q int, io blkIO) (byte, uint32, []byte) {
 	r.t.Helper()
+	bufs, st, data := r.build(io)
+	used := r.submit(q, bufs)
+	return r.result(io, st, data, used)
+}
+
+// build lays a request out in guest memory: its buffers, and the addresses
+// of its status byte and data.
+func (r *rig) build(io blkIO) (bufs []frontend.Buf, st, data uint64) {
 	c := r.c
 	hdr, _ := c.Alloc(16, 16)
 	binary.LittleEndian.PutUint32(c.Mem[hdr:], io.typ)
 	binary.LittleEndian.PutUint64(c.Mem[hdr+8:], io.sector)
-	bufs := []frontend.Buf{{Addr: hdr, Len: 16}}
-	var data uint64
+	bufs = []frontend.Buf{{Addr: hdr, Len: 16}}
 	if len(io.data) > 0 {
 		data, _ = c.Alloc(uint64(len(io.data)), 4096)
 		copy(c.Mem[data:], io.data)
@@ -154,10 +165,15 @@ func (r *rig) do(q int, io blkIO) (byte, uint32, []byte) {
 			bufs = append(bufs, frontend.Buf{Addr: data + uint64(off), Len: uint32(n), Write: io.write})
 		}
 	}
-	st, _ := c.Alloc(1, 1)
+	st, _ = c.Alloc(1, 1)
 	c.Mem[st] = 0xee
 	bufs = append(bufs, frontend.Buf{Addr: st, Len: 1, Write: true})
-	used := r.submit(q, bufs)
+	return bufs, st, data
+}
+
+// result is a completed request's status, used length and data.
+func (r *rig) result(io blkIO, st, data uint64, used frontend.Used) (byte, uint32, []byte) {
+	c := r.c
 	var out []byte
 	if len(io.data) > 0 {
 		out = append([]byte(nil), c.Mem[data:data+uint64(len(io.data))]...)

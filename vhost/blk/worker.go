@@ -22,31 +22,47 @@ type worker struct {
 	bounce  []byte   // encrypted data on its way to storage
 	scratch []byte   // one data unit that straddles two guest buffers
 	one     [][]byte // single-buffer vector for the bounce buffer
+	batch   batchState
 }
 
 // Handle implements vhost.Handler.
 func (w *worker) Handle(c *virtq.Chain) uint32 {
 	t0 := time.Now()
 	n := w.handle(c)
+	w.observe(&w.req, time.Since(t0))
+	return n
+}
+
+// observe records how long request r took.
+func (w *worker) observe(r *request, d time.Duration) {
 	h := &w.stats.OtherLatency
-	switch w.req.typ {
+	switch r.typ {
 	case TypeIn:
 		h = &w.stats.ReadLatency
 	case TypeOut, TypeWriteZeroes, TypeDiscard:
 		h = &w.stats.WriteLatency
 	}
-	h.Observe(time.Since(t0))
-	return n
+	h.Observe(d)
 }
 
 func (w *worker) handle(c *virtq.Chain) uint32 {
 	r := &w.req
+	if n, done := w.begin(c, r); done {
+		return n
+	}
+	n, err := w.do(r)
+	return w.end(r, n, err)
+}
+
+// begin parses and checks c into r. done means the request is already
+// complete (refused), written being what to return for it.
+func (w *worker) begin(c *virtq.Chain, r *request) (written uint32, done bool) {
 	err := parseRequest(c, &w.dev.lim, r)
 	if r.status == nil {
 		// Nowhere to say what went wrong: give the chain back empty.
 		w.stats.BadRequests.Add(1)
 		w.dev.log.Warn("bad request", "queue", w.queue, "err", err)
-		return 0
+		return 0, true
 	}
 	if err != nil {
 		if unsupported(err) {
@@ -57,14 +73,19 @@ func (w *worker) handle(c *virtq.Chain) uint32 {
 			r.status[0] = StatusIOErr
 		}
 		w.dev.log.Debug("request refused", "queue", w.queue, "type", r.typ, "sector", r.sector, "err", err)
-		return 1
+		return 1, true
 	}
 	if w.failed != nil {
 		w.stats.IOErrors.Add(1)
 		r.status[0] = StatusIOErr
-		return 1
+		return 1, true
 	}
-	written, err := w.do(r)
+	return 0, false
+}
+
+// end sets the status of a request that was carried out and returns the
+// bytes written into its chain: n data bytes and the status byte.
+func (w *worker) end(r *request, n uint32, err error) uint32 {
 	if err != nil {
 		w.stats.IOErrors.Add(1)
 		w.dev.log.Warn("I/O error", "queue", w.queue, "type", r.typ, "sector", r.sector, "err", err)
@@ -72,7 +93,7 @@ func (w *worker) handle(c *virtq.Chain) uint32 {
 		return 1
 	}
 	r.status[0] = StatusOK
-	return written + 1
+	return n + 1
 }
 
 // do carries out a checked request and returns the bytes written into the
@@ -84,7 +105,7 @@ func (w *worker) do(r *request) (uint32, error) {
 	case TypeIn:
 		w.stats.Reads.Add(1)
 		if _, err := st.ReadAtv(r.data, off); err != nil {
-			return 0, fmt.Errorf("read: %w", err)
+			return 0, wrapf("read", err)
 		}
 		if w.xform != nil {
 			w.decrypt(r.data, r.length, off)
@@ -100,7 +121,7 @@ func (w *worker) do(r *request) (uint32, error) {
 			_, err = st.WriteAtv(r.data, off)
 		}
 		if err != nil {
-			return 0, fmt.Errorf("write: %w", err)
+			return 0, wrapf("write", err)
 		}
 		w.stats.BytesWritten.Add(r.length)
 		return 0, nil
@@ -177,6 +198,18 @@ func (w *worker) decrypt(data [][]byte, n uint64, off int64) {
 		w.xform.Decrypt(b, b, unit0+uint64(rel/us))
 	})
 }
+
+// encryptTo encrypts the first n bytes of data, which start at data unit
+// unit0, into dst.
+func (w *worker) encryptTo(dst []byte, data [][]byte, n int, unit0 uint64) {
+	us := w.xform.UnitSize()
+	walkUnits(data, n, us, w.scratch, false, func(src []byte, rel int) {
+		w.xform.Encrypt(dst[rel:rel+len(src)], src, unit0+uint64(rel/us))
+	})
+}
+
+// wrapf says which transfer failed.
+func wrapf(what string, err error) error { return fmt.Errorf("%s: %w", what, err) }
 
 // encryptWrite encrypts data into the bounce buffer, a buffer at a time, and
 // writes it at storage offset off.

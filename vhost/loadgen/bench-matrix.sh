@@ -8,12 +8,14 @@
 # for 4 KiB random read and write at QD 1 and 32, and 128 KiB sequential read
 # and write, with 1 and 2 queues, and prints a table with ratios against qsd.
 # Knobs: SIZE (default 1G), RUNTIME (default 5s), DIR (default build/bench),
-# BACKENDS (default "hemd-enc hemd-raw qsd-raw qsd-luks").
+# BACKENDS (default "hemd-enc hemd-raw qsd-raw qsd-luks"), WORKLOADS (a
+# subset, as "rw bs depth queues" entries separated by commas).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 size=${SIZE:-1G}
 runtime=${RUNTIME:-5s}
 dir=${DIR:-$PWD/build/bench}
+fill_bs=${FILL_BS:-4k}
 backends=${BACKENDS:-"hemd-enc hemd-raw qsd-raw qsd-luks"}
 hemd=$PWD/build/hemd
 mkdir -p "$dir"
@@ -55,7 +57,7 @@ start_backend() {
 	echo $! >"$dir/$b.pid"
 	waitsock "$sock"
 	# Write the whole disk once: reads then hit allocated blocks everywhere.
-	"$hemd" bench --socket "$sock" --rw write --bs 1m --depth 8 --once --runtime 600s --size "$size" --json >/dev/null &
+	"$hemd" bench --socket "$sock" --rw write --bs "$fill_bs" --depth 32 --once --runtime 600s --size "$size" --json >/dev/null &
 	local fill=$!
 	sleep 0.1
 	wait $fill || true
@@ -66,6 +68,7 @@ workloads=(
 	"read 128k 32 1" "write 128k 32 1"
 	"randread 4k 32 2" "randwrite 4k 32 2" "read 128k 32 2" "write 128k 32 2"
 )
+if [ -n "${WORKLOADS:-}" ]; then IFS=, read -r -a workloads <<<"$WORKLOADS"; fi
 
 for b in $backends; do
 	echo "# starting $b" >&2
@@ -74,6 +77,9 @@ for b in $backends; do
 	for w in "${workloads[@]}"; do
 		set -- $w
 		out=$dir/$b.$1.$2.qd$3.q$4.json
+		# Every run starts with no dirty pages: writeback left by the one
+		# before must not be charged to it.
+		sync
 		"$hemd" bench --socket "$dir/$b.sock" --rw "$1" --bs "$2" --depth "$3" --queues "$4" \
 			--runtime "$runtime" --size "$size" --pid "$pid" --json >"$out"
 		echo "# $b $w: $(grep -o '"iops": [0-9.]*' "$out")" >&2

@@ -10,13 +10,32 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hemd/hemd/hem"
 	"github.com/hemd/hemd/storage"
 	"github.com/hemd/hemd/vhost"
 	"github.com/hemd/hemd/vhost/blk"
 )
 
-// serveHemd serves a sparse file with hemd's vhost and blk packages.
+// serveHemd serves a sparse file with hemd's vhost and blk packages, its
+// I/O batched through io_uring as hemd serve does.
 func serveHemd(t *testing.T, size int64, queues int) string {
+	return serveHemdWith(t, size, queues, true, nil)
+}
+
+// fixedKeys attaches one XTS key: an encrypted disk without a KMS.
+type fixedKeys struct{}
+
+func (fixedKeys) Check(context.Context) error { return nil }
+func (fixedKeys) Attach(context.Context) (blk.Transform, error) {
+	k := make([]byte, 64)
+	for i := range k {
+		k[i] = byte(i*7 + 1)
+	}
+	return hem.NewXTS(k, 512)
+}
+func (fixedKeys) Detach() {}
+
+func serveHemdWith(t *testing.T, size int64, queues int, batches bool, keys blk.Keys) string {
 	t.Helper()
 	dir := t.TempDir()
 	img := filepath.Join(dir, "disk.img")
@@ -26,7 +45,11 @@ func serveHemd(t *testing.T, size int64, queues int) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dev, err := blk.New(blk.Config{ID: "vol-00000000000000001", Store: st, Queues: queues})
+	var store blk.Store = st
+	if batches {
+		store = blk.WithBatches(st, func(d int) blk.Batch { return st.NewBatch(d, false) })
+	}
+	dev, err := blk.New(blk.Config{ID: "vol-00000000000000001", Store: store, Queues: queues, Keys: keys})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -79,12 +102,21 @@ func serveQSD(t *testing.T, size int64, queues int) string {
 func itoa(n int) string { return string(rune('0' + n)) }
 
 func TestVerify(t *testing.T) {
-	backends := map[string]func(*testing.T, int64, int) string{"hemd": serveHemd, "qsd": serveQSD}
+	backends := map[string]func(*testing.T, int64, int) string{
+		"hemd": serveHemd,
+		"hemd-sync": func(t *testing.T, size int64, q int) string {
+			return serveHemdWith(t, size, q, false, nil)
+		},
+		"hemd-enc": func(t *testing.T, size int64, q int) string {
+			return serveHemdWith(t, size, q, true, fixedKeys{})
+		},
+		"qsd": serveQSD,
+	}
 	for name, serve := range backends {
 		for _, rw := range []string{"randrw", "write"} {
 			t.Run(name+"/"+rw, func(t *testing.T) {
 				sock := serve(t, 16<<20, 2)
-				res, err := Run(context.Background(), Config{Socket: sock, Queues: 2, Depth: 8, BS: 4096,
+				res, err := Run(context.Background(), Config{Socket: sock, Queues: 2, Depth: 32, BS: 4096,
 					RW: rw, RWMixRead: 50, Runtime: 500 * time.Millisecond, Verify: true, Seed: 1})
 				if err != nil {
 					t.Fatal(err)

@@ -1,0 +1,198 @@
+package blk
+
+import (
+	"time"
+
+	"github.com/hemd/hemd/vhost/virtq"
+)
+
+// BatchStore is a Store that can carry out many reads and writes with one
+// system call (io_uring). A worker opens one Batch per running queue.
+type BatchStore interface {
+	Store
+	NewBatch(depth int) (Batch, error)
+}
+
+// Batch queues positioned reads and writes and carries them out together.
+// One goroutine uses a Batch at a time.
+type Batch interface {
+	// Read and Write queue one transfer. They copy bufs' slice headers, not
+	// the data, which must stay put until Run returns. They return false,
+	// queueing nothing, when the batch is full.
+	Read(bufs [][]byte, off int64) bool
+	Write(bufs [][]byte, off int64) bool
+	// Run carries out every queued transfer in full (a short one is
+	// completed, past the end of a file reads as zeros) and calls done with
+	// the position of each in queue order and its outcome. The batch is
+	// empty afterwards.
+	Run(done func(i int, err error))
+	Close() error
+}
+
+// WithBatches returns st with the batches newBatch makes: the caller wires
+// in its storage's io_uring batches.
+func WithBatches(st Store, newBatch func(depth int) Batch) BatchStore {
+	return batchStore{st, newBatch}
+}
+
+type batchStore struct {
+	Store
+	newBatch func(depth int) Batch
+}
+
+func (b batchStore) NewBatch(depth int) (Batch, error) { return b.newBatch(depth), nil }
+
+// batchDepth is the most transfers a worker queues before it runs them: the
+// runner's batch of chains.
+const batchDepth = 64
+
+// batchState is a worker's batch: the transfers queued, and for each the
+// chain it serves.
+type batchState struct {
+	b     Batch
+	tried bool      // NewBatch was called: nil b means not available
+	reqs  []request // one per chain of the runner's batch
+	ops   []int     // chain index of each queued transfer
+	fill  int       // bytes of the bounce buffer taken by queued writes
+	t0    time.Time // when the runner's batch started
+	out   []uint32  // written, per chain
+}
+
+// HandleBatch implements vhost.BatchHandler: reads and writes of the batch
+// go to storage together; other requests run in order between them, after
+// every transfer queued before them is done.
+func (w *worker) HandleBatch(cs []*virtq.Chain, written []uint32) {
+	bs := &w.batch
+	if !bs.tried {
+		bs.tried = true
+		if st, ok := w.dev.cfg.Store.(BatchStore); ok {
+			b, err := st.NewBatch(batchDepth)
+			if err != nil {
+				w.dev.log.Debug("batched I/O not available: one system call per request", "queue", w.queue, "err", err)
+			} else {
+				bs.b = b
+			}
+		}
+	}
+	if bs.b == nil {
+		for i, c := range cs {
+			written[i] = w.Handle(c)
+		}
+		return
+	}
+	if len(bs.reqs) < len(cs) {
+		bs.reqs = make([]request, len(cs))
+	}
+	bs.t0, bs.out = time.Now(), written
+	for i, c := range cs {
+		r := &bs.reqs[i]
+		n, done := w.begin(c, r)
+		if done {
+			written[i] = n
+			w.observe(r, time.Since(bs.t0))
+			continue
+		}
+		if r.typ == TypeIn || r.typ == TypeOut {
+			if w.enqueue(i, r) {
+				continue
+			}
+			w.runBatch()
+			if w.enqueue(i, r) {
+				continue
+			}
+		} else {
+			w.runBatch()
+		}
+		t0 := time.Now()
+		n32, err := w.do(r)
+		written[i] = w.end(r, n32, err)
+		w.observe(r, time.Since(t0))
+	}
+	w.runBatch()
+}
+
+// enqueue queues the transfer of a read or write request; false means it
+// does not fit (the batch or the bounce buffer is full).
+func (w *worker) enqueue(i int, r *request) bool {
+	bs := &w.batch
+	if len(bs.ops) == batchDepth {
+		return false
+	}
+	off := int64(r.sector * sectorSize)
+	switch {
+	case r.typ == TypeIn:
+		if !bs.b.Read(r.data, off) {
+			return false
+		}
+	case w.xform == nil:
+		if !bs.b.Write(r.data, off) {
+			return false
+		}
+	default:
+		n := int(r.length)
+		if n > len(w.bounce)-bs.fill {
+			return false
+		}
+		buf := w.bounce[bs.fill : bs.fill+n]
+		w.encryptTo(buf, r.data, n, uint64(off)/uint64(w.xform.UnitSize()))
+		w.one[0] = buf
+		if !bs.b.Write(w.one, off) {
+			return false
+		}
+		bs.fill += n
+	}
+	bs.ops = append(bs.ops, i)
+	return true
+}
+
+// runBatch carries out the queued transfers and completes their requests.
+func (w *worker) runBatch() {
+	bs := &w.batch
+	if len(bs.ops) == 0 {
+		return
+	}
+	bs.b.Run(w.completeOp)
+	bs.ops, bs.fill = bs.ops[:0], 0
+}
+
+// completeOp completes the request of the k-th queued transfer.
+func (w *worker) completeOp(k int, err error) {
+	bs := &w.batch
+	i := bs.ops[k]
+	r := &bs.reqs[i]
+	var n uint32
+	if r.typ == TypeIn {
+		w.stats.Reads.Add(1)
+		if err == nil {
+			if w.xform != nil {
+				w.decrypt(r.data, r.length, int64(r.sector*sectorSize))
+			}
+			w.stats.BytesRead.Add(r.length)
+			n = uint32(r.length)
+		}
+	} else {
+		w.stats.Writes.Add(1)
+		if err == nil {
+			w.stats.BytesWritten.Add(r.length)
+		}
+	}
+	if err != nil {
+		if r.typ == TypeIn {
+			err = wrapf("read", err)
+		} else {
+			err = wrapf("write", err)
+		}
+	}
+	bs.out[i] = w.end(r, n, err)
+	w.observe(r, time.Since(bs.t0))
+}
+
+// Close implements io.Closer: the runner calls it when the ring stops.
+func (w *worker) Close() error {
+	if w.batch.b == nil {
+		return nil
+	}
+	err := w.batch.b.Close()
+	w.batch.b = nil
+	return err
+}
