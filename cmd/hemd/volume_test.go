@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -84,5 +85,35 @@ func TestKeyAndVolumeCommands(t *testing.T) {
 	out, err = hemdCLI(t, state, "volume", "inspect", vol)
 	if err == nil || !strings.Contains(out, "both header copies are corrupt") {
 		t.Fatalf("corrupt header: %v\n%s", err, out)
+	}
+}
+
+// hemds that share a state dir and start together (hemd@ instances at
+// boot) make one token with one set of PINs, and all of them open it.
+func TestConcurrentFirstStart(t *testing.T) {
+	if _, err := os.Stat("/usr/lib/softhsm/libsofthsm2.so"); err != nil {
+		t.Skip("SoftHSM2 is not installed (make test installs softhsm2)")
+	}
+	for round := range 3 {
+		state := t.TempDir()
+		errs := make(chan error, 6)
+		for range cap(errs) {
+			go func() {
+				out, err := hemdCLI(t, state, "key", "list")
+				if err != nil {
+					err = fmt.Errorf("%v: %s", err, out)
+				}
+				errs <- err
+			}()
+		}
+		for range cap(errs) {
+			if err := <-errs; err != nil {
+				t.Fatalf("round %d: %v", round, err)
+			}
+		}
+		tokens, _ := os.ReadDir(filepath.Join(state, "tokens"))
+		if len(tokens) != 1 {
+			t.Fatalf("round %d: %d tokens, want 1", round, len(tokens))
+		}
 	}
 }

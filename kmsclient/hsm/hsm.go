@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/miekg/pkcs11"
+	"golang.org/x/sys/unix"
 )
 
 // Config says which HSM to use. Empty fields take the embedded defaults.
@@ -106,6 +107,14 @@ func Open(cfg Config, stateDir string) (*KMS, error) {
 	k := &KMS{cfg: cfg, stateDir: stateDir, meta: map[string]*KeyMetadata{}, aliases: map[string]string{},
 		caller: fmt.Sprintf("uid:%d", os.Getuid())}
 	embedded := cfg.Module == DefaultModule
+	// hemd processes sharing a state dir (hemd@ instances starting at boot)
+	// set up the token one at a time: SoftHSM2 reads its configuration and
+	// token files while another process may be writing them.
+	unlock, err := lockStateDir(stateDir)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	if embedded {
 		if err := k.softhsmConf(); err != nil {
 			return nil, err
@@ -123,6 +132,7 @@ func Open(cfg Config, stateDir string) (*KMS, error) {
 	}
 	pins, err := k.pins(embedded)
 	if err != nil {
+		k.p.Finalize()
 		return nil, err
 	}
 	if err := k.findOrInitToken(pins, embedded); err != nil {
@@ -151,6 +161,26 @@ func Open(cfg Config, stateDir string) (*KMS, error) {
 	return k, nil
 }
 
+// lockStateDir takes the state dir's KMS lock (flock on kms.lock, waited
+// for) and returns its release.
+func lockStateDir(dir string) (func(), error) {
+	f, err := os.OpenFile(filepath.Join(dir, "kms.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("kms: lock state dir: %w", err)
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("kms: lock state dir %s: %w", dir, err)
+	}
+	return func() { f.Close() }, nil
+}
+
 // softhsmConf points SoftHSM2 at a token directory under the state dir,
 // unless SOFTHSM2_CONF already names a configuration.
 func (k *KMS) softhsmConf() error {
@@ -163,8 +193,15 @@ func (k *KMS) softhsmConf() error {
 	}
 	conf := filepath.Join(k.stateDir, "softhsm2.conf")
 	body := "directories.tokendir = " + tokens + "\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n"
-	if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
-		return fmt.Errorf("kms: %w", err)
+	if old, err := os.ReadFile(conf); err != nil || string(old) != body {
+		// Written aside and renamed: a reader never sees half a file.
+		tmp := conf + ".tmp"
+		if err := os.WriteFile(tmp, []byte(body), 0o600); err != nil {
+			return fmt.Errorf("kms: %w", err)
+		}
+		if err := os.Rename(tmp, conf); err != nil {
+			return fmt.Errorf("kms: %w", err)
+		}
 	}
 	return os.Setenv("SOFTHSM2_CONF", conf)
 }
