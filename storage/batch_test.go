@@ -24,7 +24,7 @@ func TestBatchMatchesSync(t *testing.T) {
 		defer bu.Close()
 		defer bs.Close()
 		if !bu.Uring() {
-			t.Fatal("io_uring not available: the batch test would compare the fallback with itself")
+			t.Skip("the kernel refuses io_uring here (io_uring_disabled, seccomp): only the fallback runs, and hemd serve warns")
 		}
 		if bs.Uring() {
 			t.Fatal("sync batch uses io_uring")

@@ -9,13 +9,18 @@
 # and write, with 1 and 2 queues, and prints a table with ratios against qsd.
 # Knobs: SIZE (default 1G), RUNTIME (default 5s), DIR (default build/bench),
 # BACKENDS (default "hemd-enc hemd-raw qsd-raw qsd-luks"), WORKLOADS (a
-# subset, as "rw bs depth queues" entries separated by commas).
+# subset, as "rw bs depth queues" entries separated by commas), FILL_BS (the
+# block size the disk is written with first, default 4k), DIRECT=1 (every
+# back-end bypasses the page cache: hemd --direct, qemu-storage-daemon
+# cache.direct=on with aio=io_uring).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 size=${SIZE:-1G}
 runtime=${RUNTIME:-5s}
 dir=${DIR:-$PWD/build/bench}
 fill_bs=${FILL_BS:-4k}
+hemd_opts=() qsd_file=""
+if [ "${DIRECT:-0}" = 1 ]; then hemd_opts=(--direct) qsd_file=",cache.direct=on,aio=io_uring"; fi
 backends=${BACKENDS:-"hemd-enc hemd-raw qsd-raw qsd-luks"}
 hemd=$PWD/build/hemd
 mkdir -p "$dir"
@@ -34,22 +39,22 @@ start_backend() {
 	case $b in
 	hemd-raw)
 		truncate -s "$size" "$img"
-		"$hemd" serve --socket "$sock" --volume "$img" --queues 2 2>"$dir/$b.log" &
+		"$hemd" serve "${hemd_opts[@]}" --socket "$sock" --volume "$img" --queues 2 2>"$dir/$b.log" &
 		;;
 	hemd-enc)
 		"$hemd" key describe alias/hemd-bench >/dev/null 2>&1 || "$hemd" key create --alias alias/hemd-bench >/dev/null
 		"$hemd" volume create --size "$size" --key alias/hemd-bench "$img" >/dev/null
-		"$hemd" serve --socket "$sock" --volume "$img" --queues 2 2>"$dir/$b.log" &
+		"$hemd" serve "${hemd_opts[@]}" --socket "$sock" --volume "$img" --queues 2 2>"$dir/$b.log" &
 		;;
 	qsd-raw)
 		truncate -s "$size" "$img"
-		qemu-storage-daemon --blockdev driver=file,node-name=f0,filename="$img" \
+		qemu-storage-daemon --blockdev driver=file,node-name=f0,filename="$img"$qsd_file \
 			--export type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path="$sock",writable=on,num-queues=2 2>"$dir/$b.log" &
 		;;
 	qsd-luks)
 		qemu-img create -q -f luks --object secret,id=s0,data=hemd-bench -o key-secret=s0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64 "$img" "$size"
 		qemu-storage-daemon --object secret,id=s0,data=hemd-bench \
-			--blockdev driver=file,node-name=f0,filename="$img" --blockdev driver=luks,node-name=l0,file=f0,key-secret=s0 \
+			--blockdev driver=file,node-name=f0,filename="$img"$qsd_file --blockdev driver=luks,node-name=l0,file=f0,key-secret=s0 \
 			--export type=vhost-user-blk,id=e0,node-name=l0,addr.type=unix,addr.path="$sock",writable=on,num-queues=2 2>"$dir/$b.log" &
 		;;
 	esac
@@ -70,21 +75,28 @@ workloads=(
 )
 if [ -n "${WORKLOADS:-}" ]; then IFS=, read -r -a workloads <<<"$WORKLOADS"; fi
 
-for b in $backends; do
+# All back-ends run side by side; each workload then runs on each of them in
+# turn, the order rotated from one workload to the next, so that the drift
+# of this shared machine spreads over all of them.
+read -r -a order <<<"$backends"
+for b in "${order[@]}"; do
 	echo "# starting $b" >&2
 	start_backend "$b"
-	pid=$(cat "$dir/$b.pid")
-	for w in "${workloads[@]}"; do
-		set -- $w
+done
+for i in "${!workloads[@]}"; do
+	w=${workloads[$i]}
+	set -- $w
+	n=${#order[@]}
+	for k in $(seq 0 $((n - 1))); do
+		b=${order[$(((i + k) % n))]}
 		out=$dir/$b.$1.$2.qd$3.q$4.json
 		# Every run starts with no dirty pages: writeback left by the one
 		# before must not be charged to it.
 		sync
 		"$hemd" bench --socket "$dir/$b.sock" --rw "$1" --bs "$2" --depth "$3" --queues "$4" \
-			--runtime "$runtime" --size "$size" --pid "$pid" --json >"$out"
+			--runtime "$runtime" --size "$size" --pid "$(cat "$dir/$b.pid")" --json >"$out"
 		echo "# $b $w: $(grep -o '"iops": [0-9.]*' "$out")" >&2
 	done
-	kill "$pid"; wait "$pid" 2>/dev/null || true
 done
 
 # The table: IOPS, MB/s, p99, backend CPU s per million I/Os, and ratios of IOPS against qsd.
