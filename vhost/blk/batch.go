@@ -50,12 +50,13 @@ const batchDepth = 64
 // chain it serves.
 type batchState struct {
 	b     Batch
-	tried bool      // NewBatch was called: nil b means not available
-	reqs  []request // one per chain of the runner's batch
-	ops   []int     // chain index of each queued transfer
-	fill  int       // bytes of the bounce buffer taken by queued writes
-	t0    time.Time // when the runner's batch started
-	out   []uint32  // written, per chain
+	tried bool                   // NewBatch was called: nil b means not available
+	reqs  []request              // one per chain of the runner's batch
+	ops   []int                  // chain index of each queued transfer
+	fill  int                    // bytes of the bounce buffer taken by queued writes
+	t0    time.Time              // when the runner's batch started
+	out   []uint32               // written, per chain
+	done  func(k int, err error) // w.completeOp, made once
 }
 
 // HandleBatch implements vhost.BatchHandler: reads and writes of the batch
@@ -70,7 +71,7 @@ func (w *worker) HandleBatch(cs []*virtq.Chain, written []uint32) {
 			if err != nil {
 				w.dev.log.Debug("batched I/O not available: one system call per request", "queue", w.queue, "err", err)
 			} else {
-				bs.b = b
+				bs.b, bs.done = b, w.completeOp
 			}
 		}
 	}
@@ -151,7 +152,7 @@ func (w *worker) runBatch() {
 	if len(bs.ops) == 0 {
 		return
 	}
-	bs.b.Run(w.completeOp)
+	bs.b.Run(bs.done)
 	bs.ops, bs.fill = bs.ops[:0], 0
 }
 
