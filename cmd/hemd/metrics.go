@@ -84,7 +84,7 @@ func (t timedKMS) CheckKey(ctx context.Context, keyID string) error {
 
 var (
 	descInfo = prometheus.NewDesc("hemd_volume_info", "A served volume (value 1).",
-		[]string{"volume", "socket", "path", "key", "encrypted"}, nil)
+		[]string{"volume", "socket", "path", "key", "encrypted", "io"}, nil)
 	descAttached = prometheus.NewDesc("hemd_volume_attached",
 		"1 while the volume's data key is unwrapped (a front-end runs the device), else 0.", []string{"volume"}, nil)
 	descSize     = prometheus.NewDesc("hemd_volume_size_bytes", "Size the guest sees.", []string{"volume"}, nil)
@@ -124,7 +124,7 @@ func (c volumeCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, s := range c.m.vols {
 		id := s.cfg.ID
 		st := s.status()
-		gauge(descInfo, 1, id, s.cfg.Socket, s.cfg.Path, st.Key, strconv.FormatBool(st.Encrypted))
+		gauge(descInfo, 1, id, s.cfg.Socket, s.cfg.Path, st.Key, strconv.FormatBool(st.Encrypted), st.IO)
 		gauge(descSize, float64(st.SizeBytes), id)
 		if st.Encrypted {
 			v := 0.0
@@ -181,6 +181,7 @@ type volumeStatus struct {
 	Socket      string `json:"socket"`
 	Path        string `json:"path"`
 	Encrypted   bool   `json:"encrypted"`
+	IO          string `json:"io"` // "uring" or "sync": how reads and writes reach the kernel
 	Key         string `json:"key,omitempty"`
 	Attached    bool   `json:"attached"`
 	SizeBytes   int64  `json:"size_bytes"`
@@ -193,7 +194,7 @@ type volumeStatus struct {
 
 func (s *served) status() volumeStatus {
 	st := volumeStatus{
-		Volume: s.cfg.ID, Socket: s.cfg.Socket, Path: s.cfg.Path, SizeBytes: int64(s.dev.Capacity()),
+		Volume: s.cfg.ID, Socket: s.cfg.Socket, Path: s.cfg.Path, IO: s.io, SizeBytes: int64(s.dev.Capacity()),
 		Sessions: s.srv.Sessions.Load(), Resubmitted: s.srv.Resubmitted.Load(),
 	}
 	if s.keys != nil {

@@ -115,6 +115,7 @@ func TestMetricsAndStatus(t *testing.T) {
 	l := `\{op="%s",queue="0",volume="` + volID + `"\}`
 	for re, want := range map[string]string{
 		`hemd_volume_attached\{volume="` + volID + `"\}`:                                       "1",
+		`hemd_volume_info\{encrypted="true",io="uring",[^}]*volume="` + volID + `"\}`:          "1",
 		`hemd_requests_total` + fmt.Sprintf(l, "write"):                                        "1",
 		`hemd_requests_total` + fmt.Sprintf(l, "read"):                                         "1",
 		`hemd_bytes_total\{direction="read",queue="0",volume="` + volID + `"\}`:                "4096",
@@ -131,7 +132,7 @@ func TestMetricsAndStatus(t *testing.T) {
 	if t.Failed() {
 		t.Logf("metrics:\n%s", body)
 	}
-	if s := status(); !regexp.MustCompile(volID + `\s+attached\s+arn:aws:kms:\S+\s+` + regexp.QuoteMeta(sock) + `\s+8\.0 MiB\s+1\s+1\s+1\s+0`).MatchString(s) {
+	if s := status(); !regexp.MustCompile(volID + `\s+attached\s+arn:aws:kms:\S+\s+` + regexp.QuoteMeta(sock) + `\s+8\.0 MiB\s+uring\s+1\s+1\s+1\s+0`).MatchString(s) {
 		t.Fatalf("hemd status while attached:\n%s", s)
 	}
 	c.Close()

@@ -78,6 +78,7 @@ func serveCommand(ctx context.Context, g globalFlags, args []string, stdout, std
 // served is one volume being served.
 type served struct {
 	cfg   volumeConfig
+	io    string // ioUring, or ioSync (asked for, or io_uring refused)
 	store *storage.File
 	keys  *volumeKeys // nil for a raw (unencrypted) file
 	ln    *vhost.Listener
@@ -157,7 +158,7 @@ func openServed(ctx context.Context, v volumeConfig, log *slog.Logger, kmsFor fu
 		st.Close()
 		return nil, err
 	}
-	s := &served{cfg: v, store: st}
+	s := &served{cfg: v, store: st, io: ioSync}
 	var store blk.Store = st
 	h, herr := volume.Read(st)
 	switch {
@@ -197,6 +198,7 @@ func openServed(ctx context.Context, v volumeConfig, log *slog.Logger, kmsFor fu
 		} else {
 			b.Close()
 			store = blk.WithBatches(store, func(d int) blk.Batch { return newBatch(d) })
+			s.io = ioUring
 		}
 	}
 	cfg := blk.Config{

@@ -54,7 +54,7 @@ func statusCommand(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return err
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "VOLUME\tSTATE\tKEY\tSOCKET\tSIZE\tSESSIONS\tREADS\tWRITES\tERRORS")
+	fmt.Fprintln(tw, "VOLUME\tSTATE\tKEY\tSOCKET\tSIZE\tIO\tSESSIONS\tREADS\tWRITES\tERRORS")
 	for _, v := range st.Volumes {
 		state, key := "plaintext", "-"
 		if v.Encrypted {
@@ -63,8 +63,8 @@ func statusCommand(ctx context.Context, args []string, stdout, stderr io.Writer)
 				state = "attached"
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\n", v.Volume, state, key, v.Socket,
-			humanBytes(v.SizeBytes), v.Sessions, v.Reads, v.Writes, v.Errors)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\n", v.Volume, state, key, v.Socket,
+			humanBytes(v.SizeBytes), v.IO, v.Sessions, v.Reads, v.Writes, v.Errors)
 	}
 	return tw.Flush()
 }
