@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -22,7 +23,7 @@ type Batch struct {
 	res  []int32 // io_uring result of each op
 	// ringWrites sends buffered writes through the ring too (measurement).
 	ringWrites bool
-	broken     error // why the ring was given up
+	broken     error // why there is no ring (refused, broken, not asked for)
 }
 
 // Results that are not the kernel's: an op not handed to the ring (done
@@ -52,16 +53,32 @@ func (s *Section) NewBatch(depth int, sync bool) *Batch { return s.f.newBatch(de
 
 func (s *File) newBatch(depth int, base int64, sync bool) *Batch {
 	b := &Batch{f: s, base: base, ops: make([]batchOp, 0, depth), res: make([]int32, depth)}
-	if !sync {
-		if r, err := uring.New(uint32(depth)); err == nil {
-			b.ring = r
-		}
+	if sync {
+		b.broken = errSyncAsked
+		return b
 	}
+	r, err := uring.New(uint32(depth))
+	if err != nil {
+		b.broken = err
+		return b
+	}
+	b.ring = r
 	return b
 }
 
+var errSyncAsked = errors.New("one system call per transfer was asked for")
+
 // Uring reports whether the batch submits through io_uring.
 func (b *Batch) Uring() bool { return b.ring != nil }
+
+// Why says why the batch makes one system call per transfer (nil while it
+// uses io_uring).
+func (b *Batch) Why() error {
+	if b.ring != nil {
+		return nil
+	}
+	return b.broken
+}
 
 // Read queues a read of bufs at off; false means the batch is full. bufs'
 // headers are copied; the memory they point to must stay put until Run

@@ -183,3 +183,18 @@ func TestBatchFull(t *testing.T) {
 	}
 	b.Run(func(int, error) {})
 }
+
+// A batch says why it makes one system call per transfer.
+func TestBatchWhy(t *testing.T) {
+	f, _ := newFile(t, 1<<20, Options{})
+	b := f.NewBatch(4, true)
+	defer b.Close()
+	if b.Uring() || b.Why() == nil {
+		t.Fatalf("sync batch: Uring %v, Why %v", b.Uring(), b.Why())
+	}
+	u := f.NewBatch(4, false)
+	defer u.Close()
+	if u.Uring() != (u.Why() == nil) {
+		t.Fatalf("Uring %v but Why %v", u.Uring(), u.Why())
+	}
+}

@@ -193,7 +193,7 @@ func openServed(ctx context.Context, v volumeConfig, log *slog.Logger, kmsFor fu
 			newBatch = func(d int) *storage.Batch { return st.NewBatch(d, false) }
 		}
 		if b := newBatch(1); !b.Uring() {
-			vl.Warn("io_uring refused by the kernel: one system call per request")
+			vl.Warn("io_uring refused by the kernel: one system call per request", "err", b.Why())
 			b.Close()
 		} else {
 			b.Close()
