@@ -294,7 +294,7 @@ func (vm *VM) QMP() (*QMP, error) {
 			return q, nil
 		}
 		select {
-		case <-vm.exited:
+		case <-vm.con.Exited():
 			return nil, fmt.Errorf("QEMU exited before its monitor answered: %w", err)
 		default:
 		}

@@ -1,10 +1,8 @@
 package vmtest
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -80,12 +78,7 @@ type VM struct {
 	t        testing.TB // nil when booted by a program (Boot)
 	logf     func(format string, args ...any)
 	cmd      *exec.Cmd
-	mu       sync.Mutex
-	lines    []string
-	changed  chan struct{}
-	exited   chan struct{}
-	err      error
-	start    time.Time
+	con      *Console
 	timer    *time.Timer
 	timedOut atomic.Bool
 	qmpPath  string
@@ -146,17 +139,13 @@ func Boot(g *Guest, logf func(string, ...any), dir string, opts ...Option) (*VM,
 	}
 	args = append(args, c.extraArg...)
 	logf("vmtest: qemu-system-x86_64 %s", strings.Join(args, " "))
-	vm := &VM{logf: logf, changed: make(chan struct{}, 1), exited: make(chan struct{}), start: time.Now(), qmpPath: qmpPath}
+	vm := &VM{logf: logf, qmpPath: qmpPath}
 	vm.cmd = exec.Command("qemu-system-x86_64", args...)
-	out, err := vm.cmd.StdoutPipe()
+	con, err := StartConsole(vm.cmd, logf)
 	if err != nil {
 		return nil, err
 	}
-	vm.cmd.Stderr = vm.cmd.Stdout
-	if err := vm.cmd.Start(); err != nil {
-		return nil, fmt.Errorf("starting QEMU: %w", err)
-	}
-	go vm.read(out)
+	vm.con = con
 	vm.timer = time.AfterFunc(c.timeout, func() {
 		vm.timedOut.Store(true)
 		vm.cmd.Process.Kill()
@@ -168,7 +157,7 @@ func Boot(g *Guest, logf func(string, ...any), dir string, opts ...Option) (*VM,
 func (vm *VM) Kill() {
 	vm.timer.Stop()
 	vm.cmd.Process.Kill()
-	<-vm.exited
+	<-vm.con.Exited()
 	vm.closeQMP()
 }
 
@@ -177,26 +166,6 @@ func defaultTimeout() time.Duration {
 		return d
 	}
 	return 180 * time.Second
-}
-
-var ansi = regexp.MustCompile(`\x1b\[[0-9;?]*[A-Za-z]|\x1bc`)
-
-func (vm *VM) read(r io.Reader) {
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := strings.TrimRight(ansi.ReplaceAllString(sc.Text(), ""), "\r")
-		vm.logf("console %6.1fs: %s", time.Since(vm.start).Seconds(), line)
-		vm.mu.Lock()
-		vm.lines = append(vm.lines, line)
-		vm.mu.Unlock()
-		select {
-		case vm.changed <- struct{}{}:
-		default:
-		}
-	}
-	vm.err = vm.cmd.Wait()
-	close(vm.exited)
 }
 
 // Expect waits until a console line from line index from on matches re, and
@@ -213,41 +182,19 @@ func (vm *VM) Expect(from int, re string, timeout time.Duration) ([]string, int)
 
 // ExpectErr is Expect for programs: it returns what Expect fails on.
 func (vm *VM) ExpectErr(from int, re string, timeout time.Duration) ([]string, int, error) {
-	rx := regexp.MustCompile(re)
-	deadline := time.After(timeout)
-	for {
-		vm.mu.Lock()
-		lines := vm.lines
-		vm.mu.Unlock()
-		for i := from; i < len(lines); i++ {
-			if m := rx.FindStringSubmatch(lines[i]); m != nil {
-				return m, i + 1, nil
-			}
-			if strings.Contains(lines[i], "HEMD-RESULT fail") || strings.Contains(lines[i], "Kernel panic") {
-				return nil, i + 1, fmt.Errorf("guest failed: %s", lines[i])
-			}
-			if strings.HasPrefix(lines[i], "HEMD-END") {
-				return nil, i + 1, fmt.Errorf("the scenario ended before %q appeared", re)
-			}
+	m, _, next, err := vm.con.Expect(from, regexp.MustCompile(re), timeout, func(line string) error {
+		if strings.Contains(line, "HEMD-RESULT fail") || strings.Contains(line, "Kernel panic") {
+			return fmt.Errorf("guest failed: %s", line)
 		}
-		from = len(lines)
-		select {
-		case <-vm.changed:
-		case <-vm.exited:
-			vm.mu.Lock()
-			n := len(vm.lines)
-			vm.mu.Unlock()
-			if n > from {
-				continue
-			}
-			if vm.timedOut.Load() {
-				return nil, from, fmt.Errorf("VM killed after its timeout before %q appeared", re)
-			}
-			return nil, from, fmt.Errorf("QEMU exited (%v) before %q appeared", vm.err, re)
-		case <-deadline:
-			return nil, from, fmt.Errorf("%q did not appear within %v", re, timeout)
+		if strings.HasPrefix(line, "HEMD-END") {
+			return fmt.Errorf("the scenario ended before %q appeared", re)
 		}
+		return nil
+	})
+	if errors.Is(err, ErrExited) && vm.timedOut.Load() {
+		err = fmt.Errorf("VM killed after its timeout before %q appeared", re)
 	}
+	return m, next, err
 }
 
 // Wait waits for QEMU to exit and fails the test if it did not exit cleanly.
@@ -261,12 +208,12 @@ func (vm *VM) Wait(timeout time.Duration) {
 // WaitErr is Wait for programs.
 func (vm *VM) WaitErr(timeout time.Duration) error {
 	select {
-	case <-vm.exited:
+	case <-vm.con.Exited():
 		if vm.timedOut.Load() {
 			return errors.New("VM killed after its timeout")
 		}
-		if vm.err != nil {
-			return fmt.Errorf("QEMU: %w", vm.err)
+		if err := vm.con.Err(); err != nil {
+			return fmt.Errorf("QEMU: %w", err)
 		}
 		return nil
 	case <-time.After(timeout):
@@ -275,7 +222,7 @@ func (vm *VM) WaitErr(timeout time.Duration) error {
 }
 
 // Elapsed is the time since QEMU started.
-func (vm *VM) Elapsed() time.Duration { return time.Since(vm.start) }
+func (vm *VM) Elapsed() time.Duration { return time.Since(vm.con.Started()) }
 
 // scenarioInitrd writes the guest's initramfs for one VM: the base archive
 // followed by one holding the scenario script and the agent.

@@ -1,14 +1,14 @@
 package cloudimage
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"os/exec"
 	"regexp"
 	"strings"
-	"sync"
 	"time"
+
+	"github.com/hemd/hemd/vmtest"
 )
 
 // VM is qemu-system-x86_64 booting a cloud image, its serial console read
@@ -17,22 +17,12 @@ type VM struct {
 	Started time.Time
 	Args    []string
 
-	cmd     *exec.Cmd
-	logf    func(string, ...any)
-	mu      sync.Mutex
-	lines   []Line
-	changed chan struct{}
-	exited  chan struct{}
-	err     error
+	cmd *exec.Cmd
+	con *vmtest.Console
 }
 
 // Line is one line of the serial console, without ANSI escapes.
-type Line struct {
-	Text string
-	At   time.Duration // since QEMU started
-}
-
-var ansi = regexp.MustCompile(`\x1b\[[0-9;?]*[A-Za-z]|\x1bc`)
+type Line = vmtest.ConsoleLine
 
 // Start runs qemu-system-x86_64 with args (BootArgs). Every console line
 // goes to logf, prefixed with the seconds since QEMU started; nil
@@ -41,35 +31,12 @@ func Start(logf func(string, ...any), args []string) (*VM, error) {
 	if logf == nil {
 		logf = func(string, ...any) {}
 	}
-	vm := &VM{Args: args, logf: logf, changed: make(chan struct{}, 1), exited: make(chan struct{})}
-	vm.cmd = exec.Command("qemu-system-x86_64", args...)
-	out, err := vm.cmd.StdoutPipe()
+	vm := &VM{Args: args, cmd: exec.Command("qemu-system-x86_64", args...)}
+	con, err := vmtest.StartConsole(vm.cmd, logf)
 	if err != nil {
 		return nil, err
 	}
-	vm.cmd.Stderr = vm.cmd.Stdout
-	vm.Started = time.Now()
-	if err := vm.cmd.Start(); err != nil {
-		return nil, fmt.Errorf("starting qemu-system-x86_64: %w", err)
-	}
-	go func() {
-		sc := bufio.NewScanner(out)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		for sc.Scan() {
-			at := time.Since(vm.Started)
-			text := strings.TrimRight(ansi.ReplaceAllString(sc.Text(), ""), "\r")
-			logf("console %6.1fs: %s", at.Seconds(), text)
-			vm.mu.Lock()
-			vm.lines = append(vm.lines, Line{text, at})
-			vm.mu.Unlock()
-			select {
-			case vm.changed <- struct{}{}:
-			default:
-			}
-		}
-		vm.err = vm.cmd.Wait()
-		close(vm.exited)
-	}()
+	vm.con, vm.Started = con, con.Started()
 	return vm, nil
 }
 
@@ -79,11 +46,7 @@ func (vm *VM) CommandLine() string {
 }
 
 // Lines returns the console so far.
-func (vm *VM) Lines() []Line {
-	vm.mu.Lock()
-	defer vm.mu.Unlock()
-	return append([]Line(nil), vm.lines...)
-}
+func (vm *VM) Lines() []Line { return vm.con.Lines() }
 
 // Match is a console line that matched, with its submatches and the index
 // of the line after it (where the next Expect may start).
@@ -96,44 +59,25 @@ type Match struct {
 // Expect waits for a console line, from line index from on, matching re.
 // A kernel panic, QEMU exiting or the timeout ends the wait with an error.
 func (vm *VM) Expect(from int, re string, timeout time.Duration) (Match, error) {
-	rx := regexp.MustCompile(re)
-	deadline := time.After(timeout)
-	for {
-		vm.mu.Lock()
-		lines := vm.lines
-		vm.mu.Unlock()
-		for i := from; i < len(lines); i++ {
-			if m := rx.FindStringSubmatch(lines[i].Text); m != nil {
-				return Match{lines[i], m, i + 1}, nil
-			}
-			if strings.Contains(lines[i].Text, "Kernel panic") {
-				return Match{}, fmt.Errorf("the guest panicked: %s", lines[i].Text)
-			}
+	sub, line, next, err := vm.con.Expect(from, regexp.MustCompile(re), timeout, func(line string) error {
+		if strings.Contains(line, "Kernel panic") {
+			return fmt.Errorf("the guest panicked: %s", line)
 		}
-		from = len(lines)
-		select {
-		case <-vm.changed:
-		case <-vm.exited:
-			vm.mu.Lock()
-			n := len(vm.lines)
-			vm.mu.Unlock()
-			if n > from {
-				continue
-			}
-			return Match{}, fmt.Errorf("QEMU exited (%v) before %q appeared on the console", vm.err, re)
-		case <-deadline:
-			return Match{}, fmt.Errorf("%q did not appear on the console within %v", re, timeout)
-		}
+		return nil
+	})
+	if err != nil {
+		return Match{}, err
 	}
+	return Match{line, sub, next}, nil
 }
 
 // Wait waits for QEMU to exit (the guest powered off) and returns its error;
 // after timeout it kills QEMU.
 func (vm *VM) Wait(timeout time.Duration) error {
 	select {
-	case <-vm.exited:
-		if vm.err != nil {
-			return fmt.Errorf("QEMU: %w", vm.err)
+	case <-vm.con.Exited():
+		if err := vm.con.Err(); err != nil {
+			return fmt.Errorf("QEMU: %w", err)
 		}
 		return nil
 	case <-time.After(timeout):
@@ -145,5 +89,5 @@ func (vm *VM) Wait(timeout time.Duration) error {
 // Kill ends QEMU at once and waits for it.
 func (vm *VM) Kill() {
 	vm.cmd.Process.Kill()
-	<-vm.exited
+	<-vm.con.Exited()
 }
