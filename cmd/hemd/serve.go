@@ -184,20 +184,15 @@ func openServed(ctx context.Context, v volumeConfig, log *slog.Logger, kmsFor fu
 		return fail(fmt.Errorf("volume %s: %w", v.Path, herr))
 	}
 	vl := log.With("volume", s.cfg.ID)
-	if v.IO == ioUring {
-		var newBatch func(depth int) *storage.Batch
-		switch st := store.(type) {
-		case *storage.File:
-			newBatch = func(d int) *storage.Batch { return st.NewBatch(d, false) }
-		case *storage.Section:
-			newBatch = func(d int) *storage.Batch { return st.NewBatch(d, false) }
-		}
-		if b := newBatch(1); !b.Uring() {
+	if bt, ok := store.(interface {
+		NewBatch(depth int, sync bool) *storage.Batch
+	}); ok && v.IO == ioUring {
+		if b := bt.NewBatch(1, false); !b.Uring() {
 			vl.Warn("io_uring refused by the kernel: one system call per request", "err", b.Why())
 			b.Close()
 		} else {
 			b.Close()
-			store = blk.WithBatches(store, func(d int) blk.Batch { return newBatch(d) })
+			store = blk.WithBatches(store, func(d int) blk.Batch { return bt.NewBatch(d, false) })
 			s.io = ioUring
 		}
 	}
