@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -16,10 +18,26 @@ type conn struct {
 	c   *net.UnixConn
 	hdr [headerSize]byte
 	oob []byte
+	// whole bounds the time from a message's first byte to its last: a
+	// front-end that sends part of one and stops would otherwise hold the
+	// socket's one front-end slot for ever. Between messages a connection
+	// may idle (a paused VM).
+	whole time.Duration
 }
 
-func newConn(c *net.UnixConn) *conn {
-	return &conn{c: c, oob: make([]byte, unix.CmsgSpace(4*maxFds*2))}
+// DefaultMessageTimeout is how long a started message may take to arrive
+// whole.
+const DefaultMessageTimeout = 10 * time.Second
+
+// ErrMessageTimeout is a message that started but did not arrive whole in
+// time.
+var ErrMessageTimeout = errors.New("message not complete in time")
+
+func newConn(c *net.UnixConn, whole time.Duration) *conn {
+	if whole <= 0 {
+		whole = DefaultMessageTimeout
+	}
+	return &conn{c: c, oob: make([]byte, unix.CmsgSpace(4*maxFds*2)), whole: whole}
 }
 
 // read returns the next message. Any fds that arrived are in m.fds and are
@@ -42,9 +60,16 @@ func (c *conn) read() (*message, error) {
 	if n == 0 {
 		return m, io.EOF
 	}
+	if n < headerSize || c.payloadSize() > 0 {
+		// The rest of the message must follow within c.whole.
+		if err := c.c.SetReadDeadline(time.Now().Add(c.whole)); err != nil {
+			return m, fmt.Errorf("set deadline: %w", err)
+		}
+		defer c.c.SetReadDeadline(time.Time{})
+	}
 	if n < headerSize {
 		if _, err := io.ReadFull(c.c, c.hdr[n:]); err != nil {
-			return m, fmt.Errorf("short header: %w", err)
+			return m, fmt.Errorf("header (%d of %d bytes): %w", n, headerSize, c.timedOut(err))
 		}
 	}
 	m.header, err = decodeHeader(c.hdr[:])
@@ -54,10 +79,22 @@ func (c *conn) read() (*message, error) {
 	if m.Size > 0 {
 		m.payload = make([]byte, m.Size)
 		if _, err := io.ReadFull(c.c, m.payload); err != nil {
-			return m, fmt.Errorf("%s payload: %w", m.Request, err)
+			return m, fmt.Errorf("%s payload of %d bytes: %w", m.Request, m.Size, c.timedOut(err))
 		}
 	}
 	return m, nil
+}
+
+// payloadSize is the size field of the header read so far, 0 if it is not
+// all there yet.
+func (c *conn) payloadSize() uint32 { return binary.LittleEndian.Uint32(c.hdr[8:]) }
+
+// timedOut names a deadline error as the front-end's stall.
+func (c *conn) timedOut(err error) error {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return fmt.Errorf("%w: the front-end stopped sending for %v", ErrMessageTimeout, c.whole)
+	}
+	return err
 }
 
 func parseFds(oob []byte) ([]int, error) {

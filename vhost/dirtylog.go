@@ -107,6 +107,22 @@ func orByte(b *byte, v byte) {
 	atomic.OrUint64(w, uint64(v)<<((p&7)*8))
 }
 
+// contains reports whether addr lies in the log's mapping.
+func (l *dirtyLog) contains(addr uintptr) bool {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return inMapping(l.mapping, addr)
+}
+
+// inMapping reports whether addr lies in m.
+func inMapping(m []byte, addr uintptr) bool {
+	if len(m) == 0 {
+		return false
+	}
+	base := uintptr(unsafe.Pointer(&m[0]))
+	return addr >= base && addr-base < uintptr(len(m))
+}
+
 // fitsFile checks that fd's file holds n bytes: touching a shared mapping
 // past the end of its file is SIGBUS, so a front-end that claims more than
 // it sent would crash the back-end.

@@ -69,6 +69,13 @@ type inflightArea struct {
 	mem       []byte // mapping[offset:]
 	numQueues int
 	queueSize uint16
+	// origin says who made the region, for a fault's log line.
+	origin string
+}
+
+// contains reports whether addr lies in the region's mapping.
+func (a *inflightArea) contains(addr uintptr) bool {
+	return a != nil && inMapping(a.mapping, addr)
 }
 
 // newInflightArea creates a zeroed region for numQueues queues of
@@ -78,7 +85,7 @@ func newInflightArea(numQueues, queueSize uint16) (*inflightArea, int, error) {
 		return nil, -1, fmt.Errorf("%w: %d queues of %d", ErrInflight, numQueues, queueSize)
 	}
 	size := int(numQueues) * inflightQueueBytes(queueSize)
-	fd, err := unix.MemfdCreate("hemd-inflight", unix.MFD_CLOEXEC)
+	fd, err := unix.MemfdCreate("hemd-inflight", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {
 		return nil, -1, fmt.Errorf("inflight memfd: %w", err)
 	}
@@ -86,11 +93,18 @@ func newInflightArea(numQueues, queueSize uint16) (*inflightArea, int, error) {
 		unix.Close(fd)
 		return nil, -1, fmt.Errorf("inflight memfd: %w", err)
 	}
+	// The front-end gets this fd: sealed, it can neither shrink the file
+	// under hemd's mapping (SIGBUS) nor unseal it.
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_SEAL); err != nil {
+		unix.Close(fd)
+		return nil, -1, fmt.Errorf("inflight memfd: seal: %w", err)
+	}
 	a, err := mapInflight(fd, uint64(size), 0, numQueues, queueSize)
 	if err != nil {
 		unix.Close(fd)
 		return nil, -1, err
 	}
+	a.origin = "made by hemd, GET_INFLIGHT_FD"
 	for i := 0; i < a.numQueues; i++ {
 		h := a.queue(i).hdr
 		h.version, h.descNum = inflightVersion, queueSize
@@ -118,7 +132,8 @@ func mapInflight(fd int, size, offset uint64, numQueues, queueSize uint16) (*inf
 		unix.Munmap(m)
 		return nil, fmt.Errorf("%w: offset %d not 8-byte aligned", ErrInflight, offset)
 	}
-	return &inflightArea{mapping: m, mem: m[offset:], numQueues: int(numQueues), queueSize: queueSize}, nil
+	return &inflightArea{mapping: m, mem: m[offset:], numQueues: int(numQueues), queueSize: queueSize,
+		origin: "sent by the front-end, SET_INFLIGHT_FD"}, nil
 }
 
 func (a *inflightArea) unmap() {

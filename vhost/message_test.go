@@ -45,7 +45,7 @@ func testSession(t testing.TB) (*session, *net.UnixConn) {
 		return c.(*net.UnixConn)
 	}
 	a, b := conn(fds[0]), conn(fds[1])
-	s := newSession(&fakeDevice{}, a, slog.New(slog.DiscardHandler))
+	s := newSession(&fakeDevice{}, a, slog.New(slog.DiscardHandler), 0)
 	s.ctx = context.Background()
 	t.Cleanup(func() { s.teardown(); b.Close() })
 	return s, b

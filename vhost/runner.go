@@ -1,6 +1,7 @@
 package vhost
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 
@@ -46,13 +47,23 @@ func startRunner(q *virtq.Queue, h Handler, io ringIO, log *slog.Logger, fatal f
 	go func() {
 		defer close(r.done)
 		var err error
+		where := fmt.Sprintf("queue %d", io.idx)
 		shielded(func() {
-			err = r.loop(q, h, &io)
+			err = guarded(where, func() error { return r.loop(q, h, &io) })
 			if c, ok := h.(interface{ Close() error }); ok {
-				_ = c.Close()
+				// A fault leaves the handler between requests or after
+				// its I/O completed: closing it frees what it holds.
+				if cerr := guarded(where, c.Close); cerr != nil && err == nil {
+					err = cerr
+				}
 			}
 		})
-		if err != nil {
+		var fe *FaultError
+		switch {
+		case errors.As(err, &fe):
+			// The session names the region and logs it.
+			fatal(err)
+		case err != nil:
 			log.Error("queue stopped: ring corrupt", "queue", io.idx, "err", err)
 			fatal(fmt.Errorf("queue %d: %w", io.idx, err))
 		}

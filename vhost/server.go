@@ -52,6 +52,15 @@ type Checker interface {
 	Check(ctx context.Context) error
 }
 
+// HandOffer is a Device that lets go of its backing store when a live
+// migration's switchover stops it (every ring stopped while VHOST_F_LOG_ALL
+// is on), so that the destination's back-end can take it over. HandOff is
+// called right after Stop; a later Start (a failed migration: the source
+// runs again) takes the store back or fails closed.
+type HandOffer interface {
+	HandOff()
+}
+
 // Handler serves the requests of one queue.
 type Handler interface {
 	// Handle serves one chain and returns how many bytes it wrote into it.
@@ -78,6 +87,10 @@ type Server struct {
 	// Resubmitted counts requests served again after a restart: taken by a
 	// previous back-end process, never completed (inflight tracking).
 	Resubmitted atomic.Int64
+	// MessageTimeout bounds the time from a message's first byte to its
+	// last (DefaultMessageTimeout if zero); a connection that overruns it
+	// is closed. A connection may idle between messages.
+	MessageTimeout time.Duration
 }
 
 // Serve accepts front-ends until ctx is done. A second front-end that connects
@@ -129,7 +142,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 			n := s.Sessions.Add(1)
 			sl := log.With("session", n)
 			sl.Info("front-end connected")
-			ss := newSession(s.Device, uc, sl)
+			ss := newSession(s.Device, uc, sl, s.MessageTimeout)
 			ss.resubmitted = &s.Resubmitted
 			err := ss.serve(ctx)
 			if err != nil && ctx.Err() == nil {
@@ -198,10 +211,10 @@ type session struct {
 	resubmitted *atomic.Int64
 }
 
-func newSession(dev Device, c *net.UnixConn, log *slog.Logger) *session {
+func newSession(dev Device, c *net.UnixConn, log *slog.Logger, whole time.Duration) *session {
 	s := &session{
 		dev:     dev,
-		c:       newConn(c),
+		c:       newConn(c, whole),
 		raw:     c,
 		log:     log,
 		offered: dev.Features() | FeatProtocolFeatures | FeatLogAll,
@@ -218,11 +231,25 @@ func newSession(dev Device, c *net.UnixConn, log *slog.Logger) *session {
 
 // serve runs the session until the front-end goes away, ctx ends, a message
 // is broken or a ring is corrupt.
-func (s *session) serve(ctx context.Context) error {
+func (s *session) serve(ctx context.Context) (err error) {
 	s.ctx = ctx
 	stop := context.AfterFunc(ctx, func() { s.raw.Close() })
 	defer stop()
 	defer s.teardown()
+	// A fault on shared memory, here or in a queue's goroutine, ends this
+	// session only; the mappings are named before teardown unmaps them.
+	defer func() {
+		if fe := (*FaultError)(nil); errors.As(err, &fe) {
+			s.describeFault(fe)
+			s.log.Error("front-end shrank shared memory under hemd: session ended",
+				"region", fe.Region, "addr", fmt.Sprintf("%#x", fe.Addr), "where", fe.Where)
+		}
+	}()
+	return guarded("control", s.loop)
+}
+
+// loop reads and handles messages until the session ends.
+func (s *session) loop() error {
 	for {
 		m, err := s.c.read()
 		if err != nil {
@@ -253,12 +280,12 @@ func isEOF(err error) bool {
 // acknowledged when the front-end asked for it. An error ends the session.
 func (s *session) handle(m *message) error {
 	s.log.Debug("request", "req", m.Request, "size", m.Size, "fds", len(m.fds))
+	defer closeFds(m.fds) // handlers that keep an fd set its slot to -1
 	err := m.check()
 	var reply []byte
 	if err == nil {
 		reply, err = s.dispatch(m)
 	}
-	closeFds(m.fds) // handlers that keep an fd set its slot to -1
 	if reply != nil && err == nil {
 		return s.c.reply(m.Request, reply)
 	}
@@ -435,7 +462,7 @@ func (s *session) dispatch(m *message) ([]byte, error) {
 		if r.q != nil {
 			return nil, s.paused(i, func() error { return r.q.Rebind(s.mem, a.Addrs) })
 		}
-		return nil, nil
+		return nil, s.maybeStart(i)
 	case ReqGetVringBase:
 		st := m.vringState()
 		r, i, err := s.ring(st.Index)
@@ -518,11 +545,9 @@ func (s *session) setVringFd(m *message) error {
 // swapMem installs a new memory table; release frees the old one once no
 // ring uses it.
 func (s *session) swapMem(t *guestmem.Table, release func()) error {
-	var running []int
 	for i, r := range s.rings {
 		if r.run != nil {
 			s.pause(i)
-			running = append(running, i)
 		}
 	}
 	s.mem = t
@@ -538,7 +563,16 @@ func (s *session) swapMem(t *guestmem.Table, release func()) error {
 	if err != nil {
 		return err
 	}
-	for _, i := range running {
+	// Every ring that can run now does: those paused for the swap, and
+	// those kicked and enabled before the first table arrived.
+	return s.startReady()
+}
+
+// startReady starts every ring that is kicked, enabled and fully described
+// but not running. A front-end may send a ring's description in any order;
+// the ring starts once the last piece arrives.
+func (s *session) startReady() error {
+	for i := range s.rings {
 		if err := s.maybeStart(i); err != nil {
 			return err
 		}
@@ -662,6 +696,10 @@ func (s *session) maybeStopDevice() {
 	}
 	s.started = false
 	s.dev.Stop()
+	if h, ok := s.dev.(HandOffer); ok && s.features&FeatLogAll != 0 {
+		s.log.Info("rings stopped while dirty logging: migration switchover, volume handed off")
+		h.HandOff()
+	}
 }
 
 // reset returns every ring and the negotiated features to their initial

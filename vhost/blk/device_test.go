@@ -36,6 +36,9 @@ type rigOpts struct {
 	cfg    Config
 	fe     frontend.Options
 	noDial bool
+	logTo  io.Writer // the device's log goes here too
+	// msgTimeout is the server's MessageTimeout (its default if zero).
+	msgTimeout time.Duration
 }
 
 func testLogger(t *testing.T) *slog.Logger {
@@ -75,6 +78,9 @@ func newRig(t *testing.T, o rigOpts) *rig {
 		cfg.ID = "vol-0123456789abcdef0"
 	}
 	cfg.Log = testLogger(t)
+	if o.logTo != nil {
+		cfg.Log = slog.New(slog.NewTextHandler(io.MultiWriter(tWriter{t}, o.logTo), &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
 	dev, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -86,7 +92,7 @@ func newRig(t *testing.T, o rigOpts) *rig {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	srv := &vhost.Server{Device: dev, Log: cfg.Log}
+	srv := &vhost.Server{Device: dev, Log: cfg.Log.With("volume", cfg.ID), MessageTimeout: o.msgTimeout}
 	go func() { done <- srv.Serve(ctx, ln) }()
 	r := &rig{t: t, dev: dev, store: st, path: path, sock: sock, srv: srv}
 	r.stop = func() {

@@ -213,6 +213,9 @@ type Options struct {
 	Inflight bool
 	// Log negotiates LOG_SHMFD (dirty logging for migration).
 	Log bool
+	// MemLast sends the memory table after the queues are kicked and
+	// enabled, an order QEMU does not use (tests of a back-end's tolerance).
+	MemLast bool
 }
 
 // Setup negotiates features, shares guest memory and starts opts.Queues
@@ -230,7 +233,7 @@ func (c *Client) Setup(opts Options) error {
 	if err := c.negotiate(opts); err != nil {
 		return err
 	}
-	if err := c.shareMemory(opts.MemSize); err != nil {
+	if err := c.shareMemory(opts.MemSize, !opts.MemLast); err != nil {
 		return err
 	}
 	if opts.Inflight {
@@ -247,6 +250,9 @@ func (c *Client) Setup(opts Options) error {
 			return err
 		}
 		c.Queues = append(c.Queues, q)
+	}
+	if opts.MemLast {
+		return c.sendMemTable()
 	}
 	return nil
 }
@@ -305,8 +311,9 @@ func (c *Client) negotiate(opts Options) error {
 	return nil
 }
 
-// shareMemory creates the memfd guest memory and sends SET_MEM_TABLE.
-func (c *Client) shareMemory(size int) error {
+// shareMemory creates the memfd guest memory and, if send, sends
+// SET_MEM_TABLE.
+func (c *Client) shareMemory(size int, send bool) error {
 	fd, err := unix.MemfdCreate("hemd-guest", unix.MFD_CLOEXEC)
 	if err != nil {
 		return fmt.Errorf("memfd: %w", err)
@@ -321,6 +328,9 @@ func (c *Client) shareMemory(size int) error {
 		return fmt.Errorf("mmap guest memory: %w", err)
 	}
 	c.memfd, c.Mem, c.bump = fd, mem, 4096
+	if !send {
+		return nil
+	}
 	return c.sendMemTable()
 }
 

@@ -147,3 +147,21 @@ func (c *Client) Reattach(path string, opts Options) error {
 	}
 	return nil
 }
+
+// MemFd returns the memfd behind the guest memory (tests that misbehave as a
+// front-end, e.g. shrink it, use it).
+func (c *Client) MemFd() int { return c.memfd }
+
+// InflightFd returns the fd of the inflight region the back-end gave, -1 if
+// none.
+func (c *Client) InflightFd() int { return c.inflightFd }
+
+// Restart starts a queue stopped with StopQueue again, with base as its next
+// available index and new kick and call eventfds.
+func (q *Queue) Restart(base uint16) error {
+	if q.kick >= 0 {
+		unix.Close(q.kick)
+	}
+	unix.Close(q.call)
+	return q.configure(base, false)
+}

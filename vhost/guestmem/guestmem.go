@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -239,6 +240,26 @@ func (t *Table) UserSlice(uva, n uint64) ([]byte, error) {
 		}
 	}
 	return nil, fmt.Errorf("%w: frontend address %#x+%#x", ErrNotMapped, uva, n)
+}
+
+// Locate names the region whose mapping holds the process address addr (a
+// fault's address), and reports whether one does.
+func (t *Table) Locate(addr uintptr) (string, bool) {
+	if t == nil {
+		return "", false
+	}
+	for i, m := range t.maps {
+		if len(m.mem) == 0 {
+			continue
+		}
+		base := uintptr(unsafe.Pointer(&m.mem[0]))
+		if addr >= base && addr-base < uintptr(len(m.mem)) {
+			off := uint64(addr - base)
+			return fmt.Sprintf("guest memory region %d (guest %#x+%#x, file offset %#x; fault at file offset %#x)",
+				i, m.GuestPhysAddr, m.Size, m.MmapOffset, off), true
+		}
+	}
+	return "", false
 }
 
 // UserToGuest translates a frontend virtual address to a guest physical one.
