@@ -76,6 +76,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return errors.New("no command given")
 	}
 	cmd, rest := args[0], args[1:]
+	if cmd != "version" && cmd != "help" {
+		// Before anything touches a key: no core dump, no ptrace by others.
+		if _, err := noDump(); err != nil {
+			return err
+		}
+		g.Log.Debug("process is non-dumpable: no core dump, no ptrace without CAP_SYS_PTRACE")
+	}
 	switch cmd {
 	case "serve":
 		return serveCommand(ctx, g, rest, stdout, stderr)
