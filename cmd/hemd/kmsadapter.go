@@ -29,7 +29,12 @@ func openKMS(ctx context.Context, g globalFlags) (volume.KMS, func(), error) {
 
 // openHSM opens the PKCS#11 KMS itself (hemd key, hemd kms serve).
 func openHSM(g globalFlags) (*hsm.KMS, error) {
-	return hsm.Open(kmsConfig(g).Config, g.StateDir)
+	k, err := hsm.Open(kmsConfig(g).Config, g.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	k.SetLogger(g.Log) // a PKCS#11 session replaced after a failure is logged
+	return k, nil
 }
 
 // defaultKey returns the default key's id, creating it on first use.

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"errors"
 
 	"os"
@@ -85,30 +84,25 @@ func TestNoCoreDump(t *testing.T) {
 	state := filepath.Join(dir, "state")
 	img := filepath.Join(dir, "disk.img")
 	sparse(t, img, 1<<20)
-	var out bytes.Buffer
-	run := func(args ...string) *exec.Cmd {
-		out.Reset()
-		cmd := exec.Command(os.Args[0], args...)
-		cmd.Env = append(os.Environ(), "HEMD_TEST_MAIN=1", "GOTRACEBACK=crash", "HEMD_STATE_DIR="+state, "SOFTHSM2_CONF=")
-		cmd.Stdout, cmd.Stderr = &out, &out
-		return cmd
-	}
-	logged := func(s string) func() bool {
-		return func() bool { return strings.Contains(out.String(), s) }
-	}
 	for _, tc := range []struct {
 		name  string
-		cmd   *exec.Cmd
-		ready func() bool
+		args  []string
+		ready func(out *syncBuffer) bool
 	}{
-		{"serve", run("serve", "--socket", filepath.Join(dir, "s.sock"), "--volume", img), logged("serving")},
-		{"kms serve", run("kms", "serve", "--listen", "unix:"+filepath.Join(dir, "kms.sock")), func() bool {
+		{"serve", []string{"serve", "--socket", filepath.Join(dir, "s.sock"), "--volume", img}, func(out *syncBuffer) bool {
+			return strings.Contains(out.String(), "serving")
+		}},
+		{"kms serve", []string{"kms", "serve", "--listen", "unix:" + filepath.Join(dir, "kms.sock")}, func(*syncBuffer) bool {
 			_, err := os.Stat(filepath.Join(dir, "kms.sock"))
 			return err == nil
 		}},
 	} {
+		out := &syncBuffer{}
+		cmd := exec.Command(os.Args[0], tc.args...)
+		cmd.Env = append(os.Environ(), "HEMD_TEST_MAIN=1", "GOTRACEBACK=crash", "HEMD_STATE_DIR="+state, "SOFTHSM2_CONF=")
+		cmd.Stdout, cmd.Stderr = out, out
 		wd := t.TempDir()
-		dumped, cores := abort(t, tc.cmd, wd, tc.ready)
+		dumped, cores := abort(t, cmd, wd, func() bool { return tc.ready(out) })
 		if dumped || len(cores) > 0 {
 			t.Errorf("hemd %s killed by SIGABRT dumped core (kernel says %v, files %v)\n%s", tc.name, dumped, cores, out.String())
 		}

@@ -22,6 +22,11 @@ const (
 	headerLen    = 38
 	ivLen        = 12
 	tagLen       = 16
+	// maxPlaintext is the most Encrypt takes (as AWS KMS: 4096 bytes), so
+	// maxBlob is the longest blob this KMS makes; a longer one is refused
+	// before it reaches the HSM.
+	maxPlaintext = 4096
+	maxBlob      = headerLen + maxPlaintext + tagLen
 )
 
 var blobMagic = []byte("HKB1")
@@ -54,6 +59,8 @@ func decodeBlob(p []byte) (*blob, error) {
 	switch {
 	case len(p) < headerLen+tagLen+1:
 		return nil, kmsErr(ErrInvalidCiphertext, "ciphertext blob of %d bytes is too short", len(p))
+	case len(p) > maxBlob:
+		return nil, kmsErr(ErrInvalidCiphertext, "ciphertext blob of %d bytes is longer than any this KMS makes (%d)", len(p), maxBlob)
 	case !bytes.Equal(p[:4], blobMagic):
 		return nil, kmsErr(ErrInvalidCiphertext, "ciphertext blob has a bad magic")
 	case p[4] != blobVersion:

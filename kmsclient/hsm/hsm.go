@@ -14,10 +14,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/miekg/pkcs11"
@@ -81,7 +83,12 @@ type KMS struct {
 	metaSize int64
 	audit    *auditLog
 	caller   string
+	raw      *rawOps
 	dec      *lockedDecrypt
+	log      atomic.Pointer[slog.Logger] // SetLogger
+	// sessionHook, when set (by tests, before any operation), is told
+	// which pooled session serves each operation.
+	sessionHook func(pkcs11.SessionHandle)
 }
 
 const poolSize = 4
@@ -143,7 +150,16 @@ func Open(cfg Config, stateDir string) (*KMS, error) {
 		k.p.Finalize()
 		return nil, err
 	}
-	if k.dec, err = newLockedDecrypt(cfg.Module); err != nil {
+	info, err := k.p.GetInfo()
+	if err != nil {
+		k.Close()
+		return nil, fmt.Errorf("kms: C_GetInfo of %s: %w", cfg.Module, err)
+	}
+	if k.raw, err = newRawOps(cfg.Module, info.CryptokiVersion.Major >= 3); err != nil {
+		k.Close()
+		return nil, err
+	}
+	if k.dec, err = newLockedDecrypt(k.raw); err != nil {
 		k.Close()
 		return nil, err
 	}
@@ -383,7 +399,11 @@ func (k *KMS) findKey(sh pkcs11.SessionHandle, id string, version uint32) (pkcs1
 		return 0, err
 	}
 	objs, _, err := k.p.FindObjects(sh, 2)
-	k.p.FindObjectsFinal(sh)
+	// C_FindObjectsFinal ends the search whatever C_FindObjects returned;
+	// if it fails, the search may still be active on sh.
+	if ferr := k.p.FindObjectsFinal(sh); ferr != nil && !errors.Is(ferr, pkcs11.Error(pkcs11.CKR_OPERATION_NOT_INITIALIZED)) {
+		return 0, &spoiledError{err: ferr, why: fmt.Errorf("C_FindObjectsFinal: %w", ferr)}
+	}
 	if err != nil {
 		return 0, err
 	}

@@ -402,9 +402,11 @@ func (k *KMS) generate(ctx context.Context, ref string, ectx map[string]string, 
 	return blob, arn, internal(err)
 }
 
+// internal reports an HSM failure as KMSInternalException; KMS errors and a
+// caller's canceled or expired context pass as they are.
 func internal(err error) error {
 	var ke *Error
-	if err != nil && !errors.As(err, &ke) && !errors.Is(err, context.Canceled) {
+	if err != nil && !errors.As(err, &ke) && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
 		return kmsErr(ErrInternal, "HSM: %v", err)
 	}
 	return err
@@ -426,8 +428,8 @@ func (k *KMS) wrapOn(ctx context.Context, sh pkcs11.SessionHandle, ref string, e
 	if err := validateContext(ectx); err != nil {
 		return nil, "", err
 	}
-	if len(plaintext) == 0 || len(plaintext) > 4096 {
-		return nil, "", kmsErr(ErrValidation, "plaintext of %d bytes is not in 1..4096", len(plaintext))
+	if len(plaintext) == 0 || len(plaintext) > maxPlaintext {
+		return nil, "", kmsErr(ErrValidation, "plaintext of %d bytes is not in 1..%d", len(plaintext), maxPlaintext)
 	}
 	k.mu.Lock()
 	m, err := k.resolve(ref)
@@ -459,7 +461,7 @@ func (k *KMS) wrapOn(ctx context.Context, sh pkcs11.SessionHandle, ref string, e
 	}
 	ct, err := k.p.Encrypt(sh, plaintext)
 	if err != nil {
-		return nil, m.Arn, err
+		return nil, m.Arn, k.abandon(sh, opEncrypt, err)
 	}
 	return append(hdr, ct...), m.Arn, nil
 }
@@ -469,6 +471,11 @@ func (k *KMS) wrapOn(ctx context.Context, sh pkcs11.SessionHandle, ref string, e
 func (k *KMS) GenerateDataKey(ctx context.Context, ref string, ectx map[string]string, dst []byte) ([]byte, string, error) {
 	var blob []byte
 	var arn string
+	if len(dst) < 1 || len(dst) > 1024 {
+		err := kmsErr(ErrValidation, "NumberOfBytes %d is not in 1..1024", len(dst))
+		k.record(ctx, "GenerateDataKey", "", ectx, err)
+		return nil, "", err
+	}
 	err := k.withSession(ctx, func(sh pkcs11.SessionHandle) error {
 		dek, err := k.p.GenerateRandom(sh, len(dst))
 		if err != nil {
@@ -544,6 +551,9 @@ func (k *KMS) decrypt(ctx context.Context, blobBytes []byte, ectx map[string]str
 	if err != nil {
 		return 0, arnOf(m), err
 	}
+	// decodeBlob bounded the blob before C_DecryptInit, so the scratch holds
+	// any plaintext: C_Decrypt runs to the end (tag checked) even when dst
+	// is too small, and a tampered blob is InvalidCiphertextException.
 	n := 0
 	err = k.withSession(ctx, func(sh pkcs11.SessionHandle) error {
 		obj, err := k.findKey(sh, id, b.version)
@@ -555,12 +565,14 @@ func (k *KMS) decrypt(ctx context.Context, blobBytes []byte, ectx map[string]str
 		if err := k.p.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, obj); err != nil {
 			return err
 		}
-		n, err = k.dec.decrypt(sh, b.ct, dst)
-		return err
+		if n, err = k.dec.decrypt(sh, b.ct, dst); err != nil {
+			return k.abandon(sh, opDecrypt, err)
+		}
+		return nil
 	})
 	if err != nil {
 		var ke *Error
-		if errors.As(err, &ke) {
+		if errors.As(err, &ke) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 			return 0, m.Arn, err
 		}
 		var pe pkcs11.Error
