@@ -9,7 +9,7 @@ HEMD      := $(BUILD)/hemd
 # Debian packages the build, the tests and the demo need.
 APT_PKGS  := qemu-system-x86 qemu-utils busybox-static cpio softhsm2 opensc \
              python3-cryptography libssl-dev openssl mmdebstrap e2fsprogs dosfstools mtools \
-             systemd libvirt0 libxml2-utils
+             systemd libvirt0 libxml2-utils awscli python3-boto3
 FUZZTIME  ?= 60s
 
 .PHONY: all build deps test test-unit test-vm fuzz demo bench bench-xts vet clean

@@ -17,8 +17,14 @@ type KMS interface {
 	CreateKey(ctx context.Context, description string) (hsm.KeyMetadata, error)
 	DescribeKey(ctx context.Context, key string) (hsm.KeyMetadata, error)
 	ListKeys(ctx context.Context) []hsm.KeyMetadata
+	UpdateKeyDescription(ctx context.Context, key, description string) error
 	CreateAlias(ctx context.Context, alias, key string) error
+	UpdateAlias(ctx context.Context, alias, key string) error
+	DeleteAlias(ctx context.Context, alias string) error
 	ListAliases(ctx context.Context, key string) ([]hsm.Alias, error)
+	TagResource(ctx context.Context, key string, tags []hsm.Tag) error
+	UntagResource(ctx context.Context, key string, tagKeys []string) error
+	ListResourceTags(ctx context.Context, key string) ([]hsm.Tag, error)
 	EnableKey(ctx context.Context, key string) error
 	DisableKey(ctx context.Context, key string) error
 	ScheduleKeyDeletion(ctx context.Context, key string, days int) error
@@ -34,6 +40,7 @@ type KMS interface {
 	ListGrants(ctx context.Context, key string) ([]hsm.Grant, error)
 	RetireGrant(ctx context.Context, grantID, caller string) error
 	RevokeGrant(ctx context.Context, key, grantID string) error
+	GenerateRandom(ctx context.Context, n int) ([]byte, error)
 }
 
 // DataKeys is what a host needs to attach volumes; hsm.KMS and the remote

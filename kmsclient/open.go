@@ -23,8 +23,12 @@ type Config struct {
 }
 
 // FromEnv returns c with the environment on top: HEMD_PKCS11_MODULE,
-// HEMD_PKCS11_TOKEN, HEMD_PKCS11_PIN, HEMD_KMS_ENDPOINT,
+// HEMD_PKCS11_TOKEN, HEMD_PKCS11_PIN, HEMD_KMS_ENDPOINT, HEMD_KMS_REGION,
 // HEMD_KMS_ACCESS_KEY_ID and HEMD_KMS_SECRET_ACCESS_KEY.
+//
+// The region ([kms] region, HEMD_KMS_REGION) is the one the remote KMS's
+// requests are signed for and the embedded KMS's ARNs name; a remote key
+// named by an ARN of another region is signed for the ARN's region.
 func (c Config) FromEnv() Config {
 	for _, e := range []struct {
 		name string
@@ -34,6 +38,7 @@ func (c Config) FromEnv() Config {
 		{"HEMD_PKCS11_TOKEN", &c.TokenLabel},
 		{"HEMD_PKCS11_PIN", &c.PIN},
 		{"HEMD_KMS_ENDPOINT", &c.Endpoint},
+		{"HEMD_KMS_REGION", &c.Region},
 		{"HEMD_KMS_ACCESS_KEY_ID", &c.AccessKeyID},
 		{"HEMD_KMS_SECRET_ACCESS_KEY", &c.SecretAccessKey},
 	} {
@@ -56,8 +61,10 @@ func Open(ctx context.Context, cfg Config, stateDir string, log *slog.Logger) (D
 		log = slog.New(slog.DiscardHandler)
 	}
 	if cfg.Endpoint != "" {
-		log.Debug("kms: remote", "endpoint", cfg.Endpoint)
-		return awsjson.NewClient(cfg.Endpoint, cfg.Region, cfg.AccessKeyID, cfg.SecretAccessKey), io.NopCloser(nil), nil
+		c := awsjson.NewClient(cfg.Endpoint, cfg.Region, cfg.AccessKeyID, cfg.SecretAccessKey)
+		c.Log = log
+		log.Debug("kms: remote", "endpoint", cfg.Endpoint, "region", c.Region)
+		return c, io.NopCloser(nil), nil
 	}
 	k, err := hsm.Open(cfg.Config, stateDir)
 	if err != nil {

@@ -68,9 +68,35 @@ func TestConfigFromEnv(t *testing.T) {
 	t.Setenv("HEMD_PKCS11_TOKEN", "tok")
 	t.Setenv("HEMD_PKCS11_PIN", "1234")
 	t.Setenv("HEMD_KMS_ENDPOINT", "unix:/run/kms.sock")
+	t.Setenv("HEMD_KMS_REGION", "")
 	c := Config{Config: hsm.Config{Module: "/file.so", Region: "eu-west-1"}}.FromEnv()
 	if c.Module != "/m.so" || c.TokenLabel != "tok" || c.PIN != "1234" || c.Endpoint != "unix:/run/kms.sock" || c.Region != "eu-west-1" {
 		t.Fatalf("%+v", c)
+	}
+	t.Setenv("HEMD_KMS_REGION", "ap-south-1")
+	if c := c.FromEnv(); c.Region != "ap-south-1" {
+		t.Fatalf("HEMD_KMS_REGION: %+v", c)
+	}
+}
+
+// TestOpenRemoteRegion: the remote client Open returns signs for the
+// configured region, HEMD_KMS_REGION on top of [kms] region; without
+// either, "local".
+func TestOpenRemoteRegion(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct{ file, env, want string }{
+		{"", "", "local"}, {"eu-west-1", "", "eu-west-1"}, {"eu-west-1", "us-east-2", "us-east-2"}, {"", "us-east-2", "us-east-2"},
+	} {
+		t.Setenv("HEMD_KMS_REGION", tc.env)
+		cfg := Config{Config: hsm.Config{Region: tc.file}, Endpoint: "http://127.0.0.1:1"}.FromEnv()
+		dk, c, err := Open(ctx, cfg, t.TempDir(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+		if got := dk.(*awsjson.Client).Region; got != tc.want {
+			t.Errorf("[kms] region %q, HEMD_KMS_REGION %q: client signs for %q, want %q", tc.file, tc.env, got, tc.want)
+		}
 	}
 }
 

@@ -55,6 +55,9 @@ func kmsCommand(ctx context.Context, g globalFlags, args []string, stdout, stder
 			g.StateDir = c.StateDir
 		}
 	}
+	if err := checkPrincipals(settings.Principals); err != nil {
+		return fmt.Errorf("kms serve: %w", err)
+	}
 	g.KMS = settings
 	k, err := openHSM(g)
 	if err != nil {
@@ -77,12 +80,16 @@ func kmsCommand(ctx context.Context, g globalFlags, args []string, stdout, stder
 	if err != nil {
 		return fmt.Errorf("kms serve: %w", err)
 	}
+	// Requests are signed for the region the keys' ARNs name ([kms] region,
+	// HEMD_KMS_REGION, default "local").
+	handler := &awsjson.Server{KMS: k, Principals: settings.Principals, UnixUIDs: settings.UnixUIDs, Log: g.Log}
 	srv := &http.Server{
-		Handler:           &awsjson.Server{KMS: k, Region: settings.Region, Principals: settings.Principals, UnixUIDs: settings.UnixUIDs, Log: g.Log},
+		Handler:           handler,
 		ConnContext:       awsjson.ConnContext,
 		ReadHeaderTimeout: 10 * time.Second,
 	}
-	g.Log.Info("kms serving", "listen", *listen, "principals", len(settings.Principals), "state_dir", g.StateDir)
+	g.Log.Info("kms serving", "listen", *listen, "region", handler.SigningRegion(), "principals", len(settings.Principals),
+		"state_dir", g.StateDir)
 	go func() {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -91,6 +98,24 @@ func kmsCommand(ctx context.Context, g globalFlags, args []string, stdout, stder
 	}()
 	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return fmt.Errorf("kms serve: %w", err)
+	}
+	return nil
+}
+
+// checkPrincipals refuses [[kms.principal]] entries that could never sign a
+// request, or that another entry shadows.
+func checkPrincipals(ps []awsjson.Principal) error {
+	seen := map[string]bool{}
+	for i, p := range ps {
+		switch {
+		case p.AccessKeyID == "" || p.SecretAccessKey == "":
+			return fmt.Errorf("[[kms.principal]] %d (%q): access_key_id and secret_access_key are required", i+1, p.Name)
+		case strings.ContainsAny(p.AccessKeyID, "/ ,="):
+			return fmt.Errorf("[[kms.principal]] %d (%q): access_key_id %q has a character SigV4 credentials cannot carry", i+1, p.Name, p.AccessKeyID)
+		case seen[p.AccessKeyID]:
+			return fmt.Errorf("[[kms.principal]] %d (%q): access_key_id %s is used twice", i+1, p.Name, p.AccessKeyID)
+		}
+		seen[p.AccessKeyID] = true
 	}
 	return nil
 }

@@ -20,20 +20,29 @@ import (
 
 func serve(t testing.TB) (*httptest.Server, *hsm.KMS) {
 	t.Helper()
+	srv, k, _ := serveWith(t, "", Principal{AccessKeyID: "AKIDHEMDTEST", SecretAccessKey: "s3cr3t", Name: "test"})
+	return srv, k
+}
+
+// serveWith starts hemd kms serve's handler on a loopback port over a fresh
+// embedded SoftHSM2 KMS whose ARNs name region (default "local"), for the
+// principals; it returns the server, the KMS and its state directory.
+func serveWith(t testing.TB, region string, principals ...Principal) (*httptest.Server, *hsm.KMS, string) {
+	t.Helper()
 	if _, err := os.Stat(hsm.DefaultModule); err != nil {
 		t.Skipf("SoftHSM2 is not installed (%v): make test installs softhsm2", err)
 	}
 	t.Setenv("SOFTHSM2_CONF", "")
 	os.Unsetenv("SOFTHSM2_CONF")
-	k, err := hsm.Open(hsm.Config{}, t.TempDir())
+	dir := t.TempDir()
+	k, err := hsm.Open(hsm.Config{Region: region}, dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { k.Close() })
-	srv := httptest.NewServer(&Server{KMS: k, Region: "local",
-		Principals: []Principal{{AccessKeyID: "AKIDHEMDTEST", SecretAccessKey: "s3cr3t", Name: "test"}}})
+	srv := httptest.NewServer(&Server{KMS: k, Principals: principals})
 	t.Cleanup(srv.Close)
-	return srv, k
+	return srv, k, dir
 }
 
 func sdk(endpoint, akid, secret string) *kms.Client {

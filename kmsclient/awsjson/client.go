@@ -8,9 +8,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -23,11 +25,21 @@ import (
 type Client struct {
 	// Endpoint is http(s)://host:port, or unix:/path for hemd kms serve on
 	// a unix socket (the caller is then known by its uid; no signature).
-	Endpoint        string
+	Endpoint string
+	// Region is the region requests are signed for, unless the key a
+	// request names is an ARN of another region: the ARN's region wins.
 	Region          string
 	AccessKeyID     string
 	SecretAccessKey string
 	HTTP            *http.Client
+	// Log, when set, is warned when a key ARN's region overrides Region.
+	Log *slog.Logger
+
+	// keyRegions maps key ids to the region of their ARN (seen in requests
+	// and responses), so that Decrypt, which names no key, signs for the
+	// region of the key in the ciphertext; warned holds the regions Log was
+	// warned of.
+	keyRegions, warned sync.Map
 }
 
 // NewClient returns a client for endpoint.
@@ -47,7 +59,53 @@ func NewClient(endpoint, region, akid, secret string) *Client {
 	return c
 }
 
+// keyARN splits a key or alias ARN (arn:PARTITION:kms:REGION:ACCOUNT:
+// key/ID or :alias/NAME) into its region and resource.
+func keyARN(ref string) (region, resource string, ok bool) {
+	f := strings.SplitN(ref, ":", 6)
+	if len(f) != 6 || f[0] != "arn" || f[2] != "kms" || f[3] == "" {
+		return "", "", false
+	}
+	return f[3], f[5], true
+}
+
+// learn records the region of a key ARN for the key's id.
+func (c *Client) learn(arn string) {
+	if region, res, ok := keyARN(arn); ok {
+		if id, ok := strings.CutPrefix(res, "key/"); ok {
+			c.keyRegions.Store(id, region)
+		}
+	}
+}
+
+// regionFor is the region to sign a request about key for: the region of
+// key's ARN (or of the ARN seen for key's id) when there is one, else
+// c.Region. Where the two differ the ARN wins, with a warning (once per
+// region).
+func (c *Client) regionFor(key string) string {
+	region, _, ok := keyARN(key)
+	if !ok {
+		if v, seen := c.keyRegions.Load(key); seen {
+			region, ok = v.(string), true
+		}
+	}
+	if !ok || region == c.Region {
+		return c.Region
+	}
+	c.learn(key)
+	if _, done := c.warned.LoadOrStore(region, true); !done && c.Log != nil {
+		c.Log.Warn("kms: signing for the key ARN's region, not the configured one",
+			"key", key, "key_region", region, "configured_region", c.Region)
+	}
+	return region
+}
+
 func (c *Client) call(ctx context.Context, op string, in, out any) error {
+	return c.callIn(ctx, c.Region, op, in, out)
+}
+
+// callIn calls op with requests signed for region.
+func (c *Client) callIn(ctx context.Context, region, op string, in, out any) error {
 	body, err := json.Marshal(in)
 	if err != nil {
 		return err
@@ -61,7 +119,7 @@ func (c *Client) call(ctx context.Context, op string, in, out any) error {
 	if c.AccessKeyID != "" {
 		sum := sha256.Sum256(body)
 		creds := aws.Credentials{AccessKeyID: c.AccessKeyID, SecretAccessKey: c.SecretAccessKey}
-		if err := v4.NewSigner().SignHTTP(ctx, creds, req, hex.EncodeToString(sum[:]), "kms", c.Region, time.Now()); err != nil {
+		if err := v4.NewSigner().SignHTTP(ctx, creds, req, hex.EncodeToString(sum[:]), "kms", region, time.Now()); err != nil {
 			return fmt.Errorf("kms %s: sign: %w", op, err)
 		}
 	}
@@ -98,7 +156,9 @@ func (c *Client) GenerateDataKeyWithoutPlaintext(ctx context.Context, keyID stri
 		CiphertextBlob []byte
 		KeyId          string
 	}
-	err := c.call(ctx, "GenerateDataKeyWithoutPlaintext", map[string]any{"KeyId": keyID, "EncryptionContext": ectx, "NumberOfBytes": hsm.DataKeySize}, &out)
+	err := c.callIn(ctx, c.regionFor(keyID), "GenerateDataKeyWithoutPlaintext",
+		map[string]any{"KeyId": keyID, "EncryptionContext": ectx, "NumberOfBytes": hsm.DataKeySize}, &out)
+	c.learn(out.KeyId)
 	return out.CiphertextBlob, out.KeyId, err
 }
 
@@ -108,7 +168,11 @@ func (c *Client) Decrypt(ctx context.Context, blob []byte, ectx map[string]strin
 		Plaintext []byte
 		KeyId     string
 	}
-	err := c.call(ctx, "Decrypt", map[string]any{"CiphertextBlob": blob, "EncryptionContext": ectx}, &out)
+	region := c.Region
+	if id, err := hsm.BlobKeyID(blob); err == nil {
+		region = c.regionFor(id)
+	}
+	err := c.callIn(ctx, region, "Decrypt", map[string]any{"CiphertextBlob": blob, "EncryptionContext": ectx}, &out)
 	defer clear(out.Plaintext)
 	if err != nil {
 		return out.KeyId, err
@@ -123,9 +187,10 @@ func (c *Client) Decrypt(ctx context.Context, blob []byte, ectx map[string]strin
 // CheckKey reports whether keyID exists and is Enabled.
 func (c *Client) CheckKey(ctx context.Context, keyID string) error {
 	var out struct{ KeyMetadata keyMetadata }
-	if err := c.call(ctx, "DescribeKey", map[string]any{"KeyId": keyID}, &out); err != nil {
+	if err := c.callIn(ctx, c.regionFor(keyID), "DescribeKey", map[string]any{"KeyId": keyID}, &out); err != nil {
 		return err
 	}
+	c.learn(out.KeyMetadata.Arn)
 	if out.KeyMetadata.KeyState != hsm.Enabled {
 		return fmt.Errorf("KMS key %s is %s", out.KeyMetadata.Arn, out.KeyMetadata.KeyState)
 	}

@@ -7,11 +7,8 @@
 package awsjson
 
 import (
-	"bytes"
 	"context"
-	"crypto/sha256"
-	"crypto/subtle"
-	"encoding/hex"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -22,8 +19,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
-	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
 	"github.com/hemd/hemd/kmsclient/hsm"
 	"golang.org/x/sys/unix"
 )
@@ -40,7 +35,9 @@ type Principal struct {
 
 // Server is the KMS's HTTP handler.
 type Server struct {
-	KMS        *hsm.KMS
+	KMS *hsm.KMS
+	// Region is the region requests must be signed for; empty means the
+	// region of the KMS's key ARNs.
 	Region     string
 	Principals []Principal
 	// UnixUIDs may call over a unix socket (default: root and the server's
@@ -48,6 +45,10 @@ type Server struct {
 	UnixUIDs []int
 	Log      *slog.Logger
 }
+
+// maxBody is the largest request body read (Encrypt's 4096 bytes of
+// plaintext take under 6 KiB of JSON).
+const maxBody = 1 << 20
 
 type ctxKey struct{}
 
@@ -79,23 +80,52 @@ type apiError struct {
 
 func (e *apiError) Error() string { return e.Type + ": " + e.Message }
 
-func fail(w http.ResponseWriter, e *apiError) {
+// statusOf is the HTTP status AWS KMS answers an error type with: 500 for
+// the service's own failures, 400 for the caller's.
+func statusOf(typ string) int {
+	switch typ {
+	case "KMSInternalException", "KeyUnavailableException", "DependencyTimeoutException":
+		return http.StatusInternalServerError
+	}
+	return http.StatusBadRequest
+}
+
+// asAPIError turns any error of an operation into its wire form: KMS errors
+// keep their type, anything else is a KMSInternalException.
+func asAPIError(err error) *apiError {
+	var ae *apiError
+	var he *hsm.Error
+	switch {
+	case errors.As(err, &ae):
+		return ae
+	case errors.As(err, &he):
+		return &apiError{Type: he.Type, Message: he.Message}
+	}
+	return &apiError{Type: "KMSInternalException", Message: err.Error()}
+}
+
+func (s *Server) fail(w http.ResponseWriter, e *apiError) {
 	w.Header().Set("Content-Type", "application/x-amz-json-1.1")
 	if e.status == 0 {
-		e.status = http.StatusBadRequest
+		e.status = statusOf(e.Type)
 	}
 	w.WriteHeader(e.status)
 	json.NewEncoder(w).Encode(e)
 }
 
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("X-Amzn-RequestId", requestID())
 	if r.Method != http.MethodPost {
-		fail(w, &apiError{Type: "UnknownOperationException", Message: "POST only", status: http.StatusMethodNotAllowed})
+		s.fail(w, &apiError{Type: "UnknownOperationException", Message: "the AWS KMS protocol is POST only", status: http.StatusMethodNotAllowed})
 		return
 	}
-	body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
+	body, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
 	if err != nil {
-		fail(w, &apiError{Type: "SerializationException", Message: err.Error()})
+		s.fail(w, &apiError{Type: "SerializationException", Message: "reading the request: " + err.Error()})
+		return
+	}
+	if len(body) > maxBody {
+		s.fail(w, &apiError{Type: "ValidationException", Message: fmt.Sprintf("request body larger than %d bytes", maxBody), status: http.StatusRequestEntityTooLarge})
 		return
 	}
 	who, grantsOnly, aerr := s.authenticate(r, body)
@@ -103,29 +133,41 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if s.Log != nil {
 			s.Log.Warn("kms request refused", "remote", r.RemoteAddr, "err", aerr)
 		}
-		fail(w, aerr)
+		s.fail(w, aerr)
 		return
 	}
-	op := strings.TrimPrefix(r.Header.Get("X-Amz-Target"), "TrentService.")
-	out, err := s.dispatch(hsm.WithPrincipal(r.Context(), principalOf(r, who)), op, body, who, grantsOnly)
+	target := r.Header.Get("X-Amz-Target")
+	op, ok := strings.CutPrefix(target, "TrentService.")
+	if !ok {
+		s.fail(w, &apiError{Type: "UnknownOperationException", Message: fmt.Sprintf("X-Amz-Target %q is not TrentService.<operation>", target)})
+		return
+	}
+	c := &call{s: s, k: s.KMS, who: who, grantsOnly: grantsOnly}
+	defer c.wipeAll()
+	out, err := c.dispatch(hsm.WithPrincipal(r.Context(), principalOf(r, who)), op, body)
 	if err != nil {
-		var he *hsm.Error
-		var ae *apiError
-		switch {
-		case errors.As(err, &ae):
-			fail(w, ae)
-		case errors.As(err, &he):
-			fail(w, &apiError{Type: he.Type, Message: he.Message})
-		default:
-			fail(w, &apiError{Type: "KMSInternalException", Message: err.Error(), status: 500})
-		}
+		e := asAPIError(err)
 		if s.Log != nil {
-			s.Log.Info("kms request failed", "op", op, "caller", who, "err", err)
+			s.Log.Info("kms request failed", "op", op, "caller", who, "err", e)
 		}
+		s.fail(w, e)
 		return
 	}
+	b, err := json.Marshal(out)
+	if err != nil {
+		s.fail(w, asAPIError(err))
+		return
+	}
+	c.wipe(b) // a Decrypt or GenerateDataKey response holds plaintext
 	w.Header().Set("Content-Type", "application/x-amz-json-1.1")
-	json.NewEncoder(w).Encode(out)
+	w.Write(b)
+}
+
+// requestID is a fresh id in the form AWS's x-amzn-RequestId takes.
+func requestID() string {
+	var b [16]byte
+	rand.Read(b[:])
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
 }
 
 // principalOf names an authenticated caller for the audit log.
@@ -155,63 +197,33 @@ func (s *Server) authenticate(r *http.Request, body []byte) (string, bool, *apiE
 		}
 		return "", false, &apiError{Type: "AccessDeniedException", Message: fmt.Sprintf("uid %d may not use this KMS", cred.Uid)}
 	}
-	p, err := s.verifySigV4(r, body)
+	p, err := s.verifySigV4(r, body, time.Now())
 	if err != nil {
 		return "", false, err
 	}
 	return p.Name, p.GrantsOnly, nil
 }
 
-// verifySigV4 re-signs the request with the principal's secret and compares.
-func (s *Server) verifySigV4(r *http.Request, body []byte) (*Principal, *apiError) {
-	auth := r.Header.Get("Authorization")
-	if !strings.HasPrefix(auth, "AWS4-HMAC-SHA256 ") {
-		return nil, &apiError{Type: "MissingAuthenticationTokenException", Message: "request is not signed (AWS Signature V4 required)"}
+// SigningRegion is the region requests must be signed for.
+func (s *Server) SigningRegion() string { return s.region() }
+
+// region is the region requests are signed for and ARNs name.
+func (s *Server) region() string {
+	if s.Region != "" {
+		return s.Region
 	}
-	fields := map[string]string{}
-	for _, f := range strings.Split(strings.TrimPrefix(auth, "AWS4-HMAC-SHA256 "), ",") {
-		if k, v, ok := strings.Cut(strings.TrimSpace(f), "="); ok {
-			fields[k] = v
+	if s.KMS != nil {
+		if f := strings.Split(s.KMS.ARN("x"), ":"); len(f) > 3 {
+			return f[3]
 		}
 	}
-	scope := strings.Split(fields["Credential"], "/")
-	if len(scope) != 5 || scope[4] != "aws4_request" || fields["Signature"] == "" || fields["SignedHeaders"] == "" {
-		return nil, &apiError{Type: "IncompleteSignatureException", Message: "malformed Authorization header"}
+	return "local"
+}
+
+// account is the account id the KMS's ARNs name.
+func (s *Server) account() string {
+	if f := strings.Split(s.KMS.ARN("x"), ":"); len(f) > 4 {
+		return f[4]
 	}
-	akid, region, service := scope[0], scope[2], scope[3]
-	var p *Principal
-	for i := range s.Principals {
-		if s.Principals[i].AccessKeyID == akid {
-			p = &s.Principals[i]
-		}
-	}
-	if p == nil {
-		return nil, &apiError{Type: "UnrecognizedClientException", Message: "the security token included in the request is invalid"}
-	}
-	t, err := time.Parse("20060102T150405Z", r.Header.Get("X-Amz-Date"))
-	if err != nil || time.Since(t).Abs() > 15*time.Minute {
-		return nil, &apiError{Type: "InvalidSignatureException", Message: "X-Amz-Date missing or more than 15 minutes off"}
-	}
-	sum := sha256.Sum256(body)
-	hash := hex.EncodeToString(sum[:])
-	again, _ := http.NewRequest(r.Method, "http://"+r.Host+r.URL.RequestURI(), bytes.NewReader(body))
-	again.Host = r.Host
-	for _, h := range strings.Split(fields["SignedHeaders"], ";") {
-		if h != "host" {
-			again.Header[http.CanonicalHeaderKey(h)] = r.Header.Values(h)
-		}
-		if h == "content-length" {
-			again.ContentLength = int64(len(body))
-		}
-	}
-	creds := aws.Credentials{AccessKeyID: akid, SecretAccessKey: p.SecretAccessKey}
-	if err := v4.NewSigner().SignHTTP(r.Context(), creds, again, hash, service, region, t); err != nil {
-		return nil, &apiError{Type: "InvalidSignatureException", Message: err.Error()}
-	}
-	mine := again.Header.Get("Authorization")
-	want := "Signature=" + fields["Signature"]
-	if i := strings.Index(mine, "Signature="); i < 0 || subtle.ConstantTimeCompare([]byte(mine[i:]), []byte(want)) != 1 {
-		return nil, &apiError{Type: "InvalidSignatureException", Message: "the request signature does not match"}
-	}
-	return p, nil
+	return ""
 }
