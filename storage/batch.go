@@ -113,6 +113,18 @@ func (b *Batch) Run(done func(i int, err error)) {
 		}
 		b.ops = b.ops[:0]
 	}()
+	if b.writes() {
+		// Writes hold the file's gate until they are done, each range
+		// copied first for any snapshot that has not copied it yet
+		// (cow.go).
+		b.f.gate.RLock()
+		defer b.f.gate.RUnlock()
+		for i := range b.ops {
+			if op := &b.ops[i]; op.write {
+				b.f.copyBefore(op.off, int64(op.n))
+			}
+		}
+	}
 	if b.ring == nil {
 		for i := range b.ops {
 			done(i, b.sync(&b.ops[i], 0))
@@ -135,6 +147,19 @@ func (b *Batch) Run(done func(i int, err error)) {
 	for i := range b.ops {
 		done(i, b.finish(&b.ops[i], b.res[i]))
 	}
+}
+
+// writes reports whether the batch holds a write the file may take.
+func (b *Batch) writes() bool {
+	if b.f.opts.ReadOnly {
+		return false
+	}
+	for i := range b.ops {
+		if b.ops[i].write {
+			return true
+		}
+	}
+	return false
 }
 
 // submit hands every op to the ring and waits for all of them.
@@ -224,7 +249,10 @@ func (b *Batch) sync(op *batchOp, done int) error {
 	off := op.off + int64(op.n-total(bufs))
 	var err error
 	if op.write {
-		_, err = b.f.WriteAtv(bufs, off)
+		if b.f.opts.ReadOnly {
+			return fmt.Errorf("write %s: %w", b.f.path, os.ErrPermission)
+		}
+		_, err = b.f.writeAtv(bufs, off) // the gate is held by Run
 	} else {
 		_, err = b.f.ReadAtv(bufs, off)
 	}

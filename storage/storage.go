@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
+	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -36,6 +38,13 @@ type File struct {
 	blockDv bool
 	opts    Options
 	path    string
+
+	// gate is held shared by every write for as long as it runs, and
+	// exclusively for the instant a copy-before-write snapshot starts
+	// (StartCOW): that instant is the snapshot's point in time.
+	gate  sync.RWMutex
+	cows  atomic.Pointer[[]*COW] // running snapshots; nil: none
+	cowMu sync.Mutex             // serializes changes to cows
 }
 
 // Open opens a regular file or a block device.
@@ -86,6 +95,10 @@ func (s *File) Size() int64 { return s.size }
 // Path returns the path the store was opened from.
 func (s *File) Path() string { return s.path }
 
+// Stat returns the file's (or block device's) information, for telling
+// whether a path names the file that is open.
+func (s *File) Stat() (os.FileInfo, error) { return s.f.Stat() }
+
 // ReadOnly reports whether the store was opened read-only.
 func (s *File) ReadOnly() bool { return s.opts.ReadOnly }
 
@@ -132,6 +145,15 @@ func (s *File) WriteAtv(bufs [][]byte, off int64) (int, error) {
 	if s.opts.ReadOnly {
 		return 0, fmt.Errorf("write %s: %w", s.path, os.ErrPermission)
 	}
+	s.gate.RLock()
+	defer s.gate.RUnlock()
+	s.copyBefore(off, int64(total(bufs)))
+	return s.writeAtv(bufs, off)
+}
+
+// writeAtv is WriteAtv for a caller that holds the gate and has copied
+// the range for any snapshot.
+func (s *File) writeAtv(bufs [][]byte, off int64) (int, error) {
 	fd := s.pick(bufs, off)
 	return vio(bufs, off, func(iov [][]byte, o int64) (int, error) { return unix.Pwritev(fd, iov, o) })
 }
@@ -199,6 +221,9 @@ func (s *File) Punch(off, n int64) error {
 	if s.opts.ReadOnly {
 		return fmt.Errorf("discard %s: %w", s.path, os.ErrPermission)
 	}
+	s.gate.RLock()
+	defer s.gate.RUnlock()
+	s.copyBefore(off, n)
 	if s.blockDv {
 		r := [2]uint64{uint64(off), uint64(n)}
 		if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(s.fd), unix.BLKDISCARD, uintptr(unsafe.Pointer(&r))); e != 0 {
@@ -218,6 +243,9 @@ func (s *File) ZeroRange(off, n int64) error {
 	if s.opts.ReadOnly {
 		return fmt.Errorf("write zeroes %s: %w", s.path, os.ErrPermission)
 	}
+	s.gate.RLock()
+	defer s.gate.RUnlock()
+	s.copyBefore(off, n)
 	var err error
 	if s.blockDv {
 		r := [2]uint64{uint64(off), uint64(n)}
@@ -234,7 +262,7 @@ func (s *File) ZeroRange(off, n int64) error {
 	zero := make([]byte, min(n, 1<<20))
 	for n > 0 {
 		c := min(n, int64(len(zero)))
-		if _, werr := s.WriteAt(zero[:c], off); werr != nil {
+		if _, werr := s.writeAtv([][]byte{zero[:c]}, off); werr != nil {
 			return fmt.Errorf("write zeroes %s: %w", s.path, werr)
 		}
 		off += c

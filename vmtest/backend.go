@@ -2,6 +2,7 @@ package vmtest
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -134,6 +135,30 @@ func (h Hemd) ServeOn(t testing.TB, sock, image string, queues int) *Served {
 	t.Helper()
 	args := append([]string{"serve", "--socket", sock, "--volume", image, "--queues", fmt.Sprint(queues)}, h.Args...)
 	return start(t, "hemd", sock, h.Env, h.Bin, args...)
+}
+
+// Incoming returns h serving as the destination of a live migration
+// (hemd serve --incoming): it takes the volume when the source hands it off.
+func (h Hemd) Incoming() Hemd {
+	h.Args = append(append([]string(nil), h.Args...), "--incoming")
+	return h
+}
+
+// Refused runs hemd serve on image, which another hemd holds, and returns
+// its error output; the test fails if it serves.
+func (h Hemd) Refused(t testing.TB, image string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	sock := filepath.Join(t.TempDir(), "refused.sock")
+	args := append([]string{"serve", "--socket", sock, "--volume", image}, h.Args...)
+	cmd := exec.CommandContext(ctx, h.Bin, args...)
+	cmd.Env = append(os.Environ(), h.Env...)
+	out, err := cmd.CombinedOutput()
+	if err == nil || ctx.Err() != nil {
+		t.Fatalf("vmtest: a second hemd served %s (%v):\n%s", image, err, out)
+	}
+	return string(out)
 }
 
 // Pid is the back-end's process id.

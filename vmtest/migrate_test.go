@@ -19,17 +19,24 @@ func soakScript(seconds, workers int, seed uint64) string {
 
 // TestLiveMigration moves a guest between two QEMU processes on loopback,
 // each on its own hemd serving the same encrypted volume file (shared
-// storage), while the guest writes and checks data. The destination's guest
-// then finds every block it wrote as it left it; the source hemd zeroized
-// the data key (no window of it in its memory); the destination hemd
-// unwrapped it through the KMS (a Decrypt in the audit log).
+// storage), while the guest writes and checks data. The destination hemd
+// says so (--incoming): a hemd that does not is refused, naming the source;
+// the destination takes the volume when the source hands it off at the
+// switchover. The destination's guest then finds every block it wrote as it
+// left it; the source hemd zeroized the data key (no window of it in its
+// memory); the destination hemd unwrapped it through the KMS (a Decrypt in
+// the audit log); a hemd that comes later is refused, naming the
+// destination.
 func TestLiveMigration(t *testing.T) {
 	g := BuildGuest(t)
 	v := newEncVolume(t, "64M")
 	state, vol, volID, h := v.state, v.path, v.id, v.hemd
 	wins := keyWindows(t, state, vol)
 	src := h.Serve(t, vol, 2)
-	dst := h.Serve(t, vol, 2)
+	if out := h.Refused(t, vol); !strings.Contains(out, "pid "+strconv.Itoa(src.Pid())) || !strings.Contains(out, src.Socket) {
+		t.Fatalf("a second hemd on the volume was refused without naming the source (pid %d, %s):\n%s", src.Pid(), src.Socket, out)
+	}
+	dst := h.Incoming().Serve(t, vol, 2)
 
 	script := soakScript(35, 4, 21)
 	addr := FreeTCPAddr(t)
@@ -83,6 +90,12 @@ func TestLiveMigration(t *testing.T) {
 	}
 	if auditCount(t, state, "Decrypt") <= decrypts {
 		t.Fatal("no KMS Decrypt for the destination's attach")
+	}
+	if !hasEvent(src.Log(), "event=hand-off", volID) || !hasEvent(dst.Log(), "event=take-over", volID) {
+		t.Fatal("the source did not hand the volume off, or the destination did not take it over")
+	}
+	if out := h.Refused(t, vol); !strings.Contains(out, "pid "+strconv.Itoa(dst.Pid())) || !strings.Contains(out, dst.Socket) {
+		t.Fatalf("a hemd after the migration was refused without naming the destination (pid %d, %s):\n%s", dst.Pid(), dst.Socket, out)
 	}
 	if found := scanMemory(t, src.Pid(), wins); len(found) > 0 {
 		t.Fatalf("key material in the source hemd's memory after migration:\n%s", strings.Join(found, "\n"))

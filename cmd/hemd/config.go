@@ -17,6 +17,10 @@ type fileConfig struct {
 	// Metrics is where hemd serve answers /metrics (Prometheus) and
 	// /status: HOST:PORT or unix:PATH; empty for none.
 	Metrics string `toml:"metrics"`
+	// ControlSocket is hemd serve's control socket (snapshots of served
+	// volumes); "none" for none. Default: $HEMD_CONTROL, else
+	// /run/hemd/control.sock (root) or $XDG_RUNTIME_DIR/hemd/control.sock.
+	ControlSocket string `toml:"control_socket"`
 	// KMS configures the key management service.
 	KMS kmsSettings `toml:"kms"`
 	// Volumes are served each on its own socket.
@@ -34,6 +38,9 @@ type volumeConfig struct {
 	Direct    bool   `toml:"direct"`     // O_DIRECT for aligned I/O
 	IO        string `toml:"io"`         // "uring" (default, falls back to "sync" where refused) or "sync"
 	BlockSize uint32 `toml:"block_size"` // logical block size, 512 or 4096
+	// Incoming: the destination of a live migration; the volume is taken
+	// when the source hemd hands it off at switchover.
+	Incoming bool `toml:"incoming"`
 }
 
 func loadConfig(path string) (*fileConfig, error) {

@@ -77,7 +77,11 @@ func TestServeSocketAndSigterm(t *testing.T) {
 		t.Errorf("socket mode %v, want 0600", st.Mode().Perm())
 	}
 
-	second := exec.Command(os.Args[0], "serve", "--socket", sock, "--volume", img)
+	// Another volume on the same socket (the same volume would be refused
+	// for its lock first: TestServeOneWriter).
+	img2 := filepath.Join(dir, "disk2.img")
+	sparse(t, img2, 4<<20)
+	second := exec.Command(os.Args[0], "serve", "--socket", sock, "--volume", img2)
 	second.Env = append(os.Environ(), "HEMD_TEST_MAIN=1")
 	msg, err := second.CombinedOutput()
 	if err == nil || !strings.Contains(string(msg), "in use by another process") {

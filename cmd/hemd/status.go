@@ -9,9 +9,12 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/hemd/hemd/hem/volume"
 )
 
 // defaultMetricsAddr is where hemd status looks when neither --metrics nor
@@ -54,7 +57,9 @@ func statusCommand(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return err
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "VOLUME\tSTATE\tKEY\tSOCKET\tSIZE\tIO\tSESSIONS\tREADS\tWRITES\tERRORS")
+	// STATE is the attachment; VOLSTATE the volume's own state as its
+	// header on disk says (available, creating, error), read here.
+	fmt.Fprintln(tw, "VOLUME\tSTATE\tKEY\tSOCKET\tSIZE\tIO\tSESSIONS\tREADS\tWRITES\tERRORS\tVOLSTATE")
 	for _, v := range st.Volumes {
 		state, key := "plaintext", "-"
 		if v.Encrypted {
@@ -63,10 +68,28 @@ func statusCommand(ctx context.Context, args []string, stdout, stderr io.Writer)
 				state = "attached"
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\n", v.Volume, state, key, v.Socket,
-			humanBytes(v.SizeBytes), v.IO, v.Sessions, v.Reads, v.Writes, v.Errors)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\n", v.Volume, state, key, v.Socket,
+			humanBytes(v.SizeBytes), v.IO, v.Sessions, v.Reads, v.Writes, v.Errors, volumeState(v))
 	}
 	return tw.Flush()
+}
+
+// volumeState reads a served volume's state from its header: "-" for a raw
+// file, "?" when the header cannot be read from here.
+func volumeState(v volumeStatus) string {
+	if !v.Encrypted || v.Path == "" {
+		return "-"
+	}
+	f, err := os.Open(v.Path)
+	if err != nil {
+		return "?"
+	}
+	defer f.Close()
+	h, err := volume.Read(f)
+	if err != nil {
+		return "?"
+	}
+	return string(h.State)
 }
 
 type statusReply struct {

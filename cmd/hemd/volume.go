@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -55,7 +56,7 @@ func volumeCommand(ctx context.Context, g globalFlags, args []string, stdout, st
 		v, err := volume.Create(ctx, kms, fs.Arg(0), volume.CreateOptions{
 			ID: *id, Size: uint64(n), BlockSize: uint32(*bs), KeyID: keyID, Parent: *snap})
 		if err != nil {
-			return err
+			return interrupted(ctx, err, "volume create: interrupted: "+fs.Arg(0)+" was not made")
 		}
 		defer v.Close()
 		g.Log.Info("volume created", "volume", v.Head.VolumeID, "key", v.Head.KeyID, "path", fs.Arg(0))
@@ -71,13 +72,30 @@ func volumeCommand(ctx context.Context, g globalFlags, args []string, stdout, st
 			return err
 		}
 		defer v.Close()
-		return printHeader(stdout, v.Head, *asJSON)
+		return printHeader(stdout, v, *asJSON)
 	case "import":
-		from := fs.String("from", "", "raw image to encrypt into the volume")
+		from := fs.String("from", "", "raw image to encrypt into the volume (with --resume: default the image the interrupted import recorded)")
 		key := fs.String("key", "", "KMS key for a new volume (default: the default key)")
 		bs := fs.Uint("block-size", 512, "logical block size of a new volume, 512 or 4096")
+		resume := fs.Bool("resume", false, "continue an interrupted import from its last checkpoint (the same image)")
+		every := fs.String("checkpoint", "64M", "sync the data and record the progress every SIZE imported")
 		if err := parse(fs, args, 1, "PATH"); err != nil {
 			return err
+		}
+		path := fs.Arg(0)
+		ckpt, err := parseSize(*every)
+		if err != nil {
+			return fmt.Errorf("volume import: --checkpoint: %w", err)
+		}
+		var v *volume.Volume
+		if *resume {
+			if v, err = volume.Open(path, false); err != nil {
+				return fmt.Errorf("volume import --resume: %w", err)
+			}
+			defer v.Close()
+			if op := v.Head.Operation; *from == "" && op != nil && op.Kind == volume.OpImport {
+				*from = op.Source
+			}
 		}
 		if *from == "" {
 			return errors.New("volume import: --from is required")
@@ -91,39 +109,53 @@ func volumeCommand(ctx context.Context, g globalFlags, args []string, stdout, st
 		if err != nil {
 			return err
 		}
+		source, err := filepath.Abs(*from)
+		if err != nil {
+			return fmt.Errorf("volume import: %w", err)
+		}
 		kms, closeKMS, err := openKMS(ctx, g)
 		if err != nil {
 			return fmt.Errorf("volume import: %w", err)
 		}
 		defer closeKMS()
-		var v *volume.Volume
-		if _, err := os.Stat(fs.Arg(0)); errors.Is(err, os.ErrNotExist) {
-			// A new volume the size of the image (rounded up to a block).
-			keyID := *key
-			if keyID == "" {
-				if keyID, err = defaultKey(ctx, g, kms); err != nil {
-					return fmt.Errorf("volume import: %w", err)
+		if v == nil {
+			if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+				// A new volume the size of the image (rounded up to a block),
+				// creating until the import is done.
+				keyID := *key
+				if keyID == "" {
+					if keyID, err = defaultKey(ctx, g, kms); err != nil {
+						return fmt.Errorf("volume import: %w", err)
+					}
 				}
-			}
-			size := (uint64(st.Size()) + uint64(*bs) - 1) / uint64(*bs) * uint64(*bs)
-			if v, err = volume.Create(ctx, kms, fs.Arg(0), volume.CreateOptions{Size: size, BlockSize: uint32(*bs), KeyID: keyID}); err != nil {
+				size := (uint64(st.Size()) + uint64(*bs) - 1) / uint64(*bs) * uint64(*bs)
+				pending := &volume.Operation{Kind: volume.OpImport, Source: source, SourceSize: uint64(st.Size())}
+				if v, err = volume.Create(ctx, kms, path, volume.CreateOptions{Size: size, BlockSize: uint32(*bs), KeyID: keyID, Pending: pending}); err != nil {
+					return err
+				}
+				g.Log.Info("volume created", "volume", v.Head.VolumeID, "key", v.Head.KeyID, "path", path, "state", v.Head.State)
+			} else if v, err = volume.Open(path, false); err != nil {
 				return err
 			}
-			g.Log.Info("volume created", "volume", v.Head.VolumeID, "key", v.Head.KeyID, "path", fs.Arg(0))
-		} else if v, err = volume.Open(fs.Arg(0), false); err != nil {
-			return err
+			defer v.Close()
 		}
-		defer v.Close()
 		bar := newProgressBar(stderr, "import")
-		err = v.Import(ctx, kms, src, st.Size(), bar.update)
+		err = v.Import(ctx, kms, src, st.Size(), volume.ImportOptions{Source: source, Resume: *resume, CheckpointEvery: int64(ckpt), Progress: bar.update})
 		bar.done()
 		if err != nil {
+			if ctx.Err() != nil {
+				// Interrupted (SIGINT, SIGTERM): say how to go on, and exit 1.
+				if serr := v.Head.Servable(path); serr != nil {
+					return serr
+				}
+			}
 			return err
 		}
+		g.Log.Info("volume imported", "volume", v.Head.VolumeID, "from", source, "bytes", st.Size(), "state", v.Head.State)
 		fmt.Fprintln(stdout, v.Head.VolumeID)
 		return nil
 	case "export":
-		to := fs.String("to", "", "raw file to write the plaintext to")
+		to := fs.String("to", "", "raw file to write the plaintext to (written beside as TO.partial-*, renamed when complete)")
 		if err := parse(fs, args, 1, "PATH"); err != nil {
 			return err
 		}
@@ -135,27 +167,29 @@ func volumeCommand(ctx context.Context, g globalFlags, args []string, stdout, st
 			return err
 		}
 		defer v.Close()
+		if err := v.Head.Servable(fs.Arg(0)); err != nil {
+			return fmt.Errorf("volume export: %w", err)
+		}
 		kms, closeKMS, err := openKMS(ctx, g)
 		if err != nil {
 			return fmt.Errorf("volume export: %w", err)
 		}
 		defer closeKMS()
-		out, err := os.OpenFile(*to, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-		if err != nil {
-			return fmt.Errorf("volume export: %w", err)
-		}
 		bar := newProgressBar(stderr, "export")
-		err = v.Export(ctx, kms, out, bar.update)
+		err = v.ExportFile(ctx, kms, *to, bar.update)
 		bar.done()
-		if cerr := out.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			os.Remove(*to)
-		}
-		return err
+		return interrupted(ctx, err, "volume export: interrupted: "+*to+" was not written")
 	}
 	return fmt.Errorf("volume: unknown subcommand %q", sub)
+}
+
+// interrupted turns the error of a command stopped by a signal into one
+// that says so: a bare context.Canceled would exit 0 without a word.
+func interrupted(ctx context.Context, err error, msg string) error {
+	if err != nil && ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		return errors.New(msg)
+	}
+	return err
 }
 
 // snapshotCommand runs `hemd snapshot create|copy`.
@@ -169,17 +203,23 @@ func snapshotCommand(ctx context.Context, g globalFlags, args []string, stdout, 
 	id := fs.String("id", "", "snapshot id (default: a new snap- id)")
 	switch sub {
 	case "create":
+		control := fs.String("control", "", "control socket of the hemd serving VOLUME (default $HEMD_CONTROL, else "+defaultControlPath()+"): a served volume is snapshotted there, point in time")
 		if err := parse(fs, args, 2, "VOLUME SNAPSHOT"); err != nil {
 			return err
 		}
+		online, release, err := snapshotThroughServer(ctx, g.Log, *control, fs.Arg(0), fs.Arg(1), *id, stdout)
+		if online {
+			return err
+		}
+		defer release() // offline, as below, with no writer meanwhile
 		v, err := volume.Open(fs.Arg(0), true)
 		if err != nil {
 			return err
 		}
 		defer v.Close()
-		s, err := v.Snapshot(fs.Arg(1), *id)
+		s, err := v.Snapshot(ctx, fs.Arg(1), *id)
 		if err != nil {
-			return err
+			return interrupted(ctx, err, "snapshot create: interrupted: "+fs.Arg(1)+" was not made")
 		}
 		defer s.Close()
 		g.Log.Info("snapshot created", "snapshot", s.Head.VolumeID, "volume", v.Head.VolumeID, "key", s.Head.KeyID)
@@ -202,7 +242,7 @@ func snapshotCommand(ctx context.Context, g globalFlags, args []string, stdout, 
 		defer closeKMS()
 		s, err := v.CopySnapshot(ctx, kms, fs.Arg(1), *key, *id)
 		if err != nil {
-			return err
+			return interrupted(ctx, err, "snapshot copy: interrupted: "+fs.Arg(1)+" was not made")
 		}
 		defer s.Close()
 		g.Log.Info("snapshot copied", "snapshot", s.Head.VolumeID, "from", v.Head.VolumeID, "key", s.Head.KeyID)
@@ -232,22 +272,49 @@ func parse(fs *flag.FlagSet, args []string, n int, names string) error {
 	return fs.Parse(append([]string{"--"}, pos...))
 }
 
-func printHeader(w io.Writer, h *volume.Header, asJSON bool) error {
+// inspectJSON is the JSON of volume inspect: the header's own JSON
+// (wrapped_dek in base64, state, operation), and for a volume that is not
+// available whether its operation is still running.
+type inspectJSON struct {
+	*volume.Header
+	Running *bool `json:"operation_running,omitempty"`
+}
+
+func printHeader(w io.Writer, v *volume.Volume, asJSON bool) error {
+	h := v.Head
+	running := !h.Available() && v.InUse()
 	if asJSON {
-		// The header's own JSON is the inspect format (wrapped_dek in base64).
+		out := inspectJSON{Header: h}
+		if !h.Available() {
+			out.Running = &running
+		}
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
-		return enc.Encode(h)
+		return enc.Encode(out)
 	}
 	var ctx []string
 	for k, v := range h.EncryptionContext {
 		ctx = append(ctx, k+"="+v)
 	}
-	fmt.Fprintf(w, "volume id:          %s\nsize:               %d bytes\nblock size:         %d\ndata unit size:     %d\n"+
+	fmt.Fprintf(w, "volume id:          %s\nstate:              %s\nsize:               %d bytes\nblock size:         %d\ndata unit size:     %d\n"+
 		"cipher:             %s\ndata offset:        %d\nkey id:             %s\nencryption context: %s\n"+
 		"wrapped data key:   %d bytes\nparent snapshot:    %s\ncreated:            %s\n",
-		h.VolumeID, h.SizeBytes, h.BlockSize, h.DataUnitSize, h.Cipher, h.DataOffset, h.KeyID,
+		h.VolumeID, h.State, h.SizeBytes, h.BlockSize, h.DataUnitSize, h.Cipher, h.DataOffset, h.KeyID,
 		strings.Join(ctx, ","), len(h.WrappedDEK), orNone(h.ParentSnapshot), h.Created.Format(time.RFC3339))
+	if op := h.Operation; op != nil {
+		fmt.Fprintf(w, "operation:          %s from %s (%d bytes), started %s\n", op.Kind, op.Source, op.SourceSize, op.Started.Format(time.RFC3339))
+		if op.Kind == volume.OpImport {
+			fmt.Fprintf(w, "imported:           %d of %d bytes (%d %%) at the last checkpoint\n", op.Done, op.SourceSize, op.Percent())
+		}
+		if op.Error != "" {
+			fmt.Fprintf(w, "failed:             %s\n", op.Error)
+		}
+		if running {
+			fmt.Fprintln(w, "running:            yes (another process holds the volume)")
+		} else {
+			fmt.Fprintf(w, "running:            no\nnot served:         %v\n", h.Servable(v.Path()))
+		}
+	}
 	return nil
 }
 

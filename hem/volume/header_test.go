@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -73,7 +74,7 @@ func TestCopyErrors(t *testing.T) {
 		want   error
 	}{
 		{"magic", func(b []byte) { b[0] = 'X' }, ErrMagic},
-		{"version", func(b []byte) { binary.LittleEndian.PutUint16(b[8:], 2) }, ErrVersion},
+		{"version", func(b []byte) { binary.LittleEndian.PutUint16(b[8:], 3) }, ErrVersion},
 		{"copy index", func(b []byte) { b[10] ^= 1 }, ErrCopyIndex},
 		{"length zero", func(b []byte) { binary.LittleEndian.PutUint32(b[12:], 0) }, ErrLength},
 		{"length huge", func(b []byte) { binary.LittleEndian.PutUint32(b[12:], 1<<30) }, ErrLength},
@@ -193,6 +194,8 @@ func FuzzHeader(f *testing.F) {
 	b, _ := encodeCopy(goodHeader(), 0)
 	f.Add(b)
 	f.Add(b[:70])
+	c, _ := encodeCopy(creatingHeader(), 0)
+	f.Add(c)
 	f.Fuzz(func(t *testing.T, b []byte) {
 		h, err := decodeCopy(b, 0)
 		if err != nil {
@@ -205,4 +208,18 @@ func FuzzHeader(f *testing.F) {
 			t.Fatalf("re-encode: %v", err)
 		}
 	})
+}
+
+// A header whose wrapped data key is longer than any KMS makes is refused
+// before the key reaches the KMS.
+func TestOversizedWrappedDEK(t *testing.T) {
+	h := goodHeader()
+	h.WrappedDEK = make([]byte, MaxWrappedDEK+1)
+	if err := h.Validate(); !errors.Is(err, ErrMeta) || !strings.Contains(err.Error(), "wrapped data key of 6145 bytes") {
+		t.Fatalf("Validate: %v, want ErrMeta naming the size", err)
+	}
+	h.WrappedDEK = make([]byte, MaxWrappedDEK)
+	if err := h.Validate(); err != nil {
+		t.Fatalf("Validate at the limit: %v", err)
+	}
 }

@@ -1,13 +1,16 @@
 package volume
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/hemd/hemd/hem"
@@ -46,17 +49,24 @@ type CreateOptions struct {
 	// Parent, when set, is the snapshot the volume starts from: the new
 	// volume shares its wrapped key and context and holds a copy of its data.
 	Parent string
+	// Pending, when set, creates the volume in state creating for this
+	// operation (an import): the operation marks it available when its
+	// data is complete.
+	Pending *Operation
 }
 
 // Volume is an open volume file.
 type Volume struct {
-	f    *os.File
-	Head *Header
-	path string
+	f      *os.File
+	Head   *Header
+	path   string
+	locked bool // this process holds the file's exclusive lock
 }
 
 // Create makes a new encrypted volume at path under a fresh data key from
-// the KMS, or from the snapshot at opts.Parent.
+// the KMS, or from the snapshot at opts.Parent. A volume from a snapshot is
+// creating until its data is copied and synced; a killed Create leaves no
+// file at path, or one that says it is creating.
 func Create(ctx context.Context, kms KMS, path string, opts CreateOptions) (*Volume, error) {
 	if opts.BlockSize == 0 {
 		opts.BlockSize = 512
@@ -72,6 +82,14 @@ func Create(ctx context.Context, kms KMS, path string, opts CreateOptions) (*Vol
 		Cipher:       CipherXTSPlain,
 		DataOffset:   DataOffset,
 		Created:      time.Now().UTC().Truncate(time.Second),
+		State:        StateAvailable,
+	}
+	if opts.Pending != nil {
+		op := *opts.Pending
+		if op.Started.IsZero() {
+			op.Started = h.Created
+		}
+		h.State, h.Operation = StateCreating, &op
 	}
 	var parent *Volume
 	if opts.Parent != "" {
@@ -84,6 +102,9 @@ func Create(ctx context.Context, kms KMS, path string, opts CreateOptions) (*Vol
 		if !ValidSnapshotID(ph.VolumeID) {
 			return nil, fmt.Errorf("create %s: %s is volume %s, not a snapshot", opts.ID, opts.Parent, ph.VolumeID)
 		}
+		if err := ph.Servable(opts.Parent); err != nil {
+			return nil, fmt.Errorf("create %s: parent: %w", opts.ID, err)
+		}
 		if h.SizeBytes == 0 {
 			h.SizeBytes = ph.SizeBytes
 		}
@@ -93,6 +114,8 @@ func Create(ctx context.Context, kms KMS, path string, opts CreateOptions) (*Vol
 		h.BlockSize, h.DataUnitSize = ph.BlockSize, ph.DataUnitSize
 		h.KeyID, h.WrappedDEK, h.EncryptionContext = ph.KeyID, ph.WrappedDEK, ph.EncryptionContext
 		h.ParentSnapshot = ph.VolumeID
+		h.State = StateCreating
+		h.Operation = &Operation{Kind: OpRestore, Source: ph.VolumeID, SourceSize: ph.SizeBytes, Started: h.Created}
 		parent = p
 	} else {
 		h.EncryptionContext = map[string]string{ContextKey: h.VolumeID}
@@ -120,25 +143,40 @@ func Create(ctx context.Context, kms KMS, path string, opts CreateOptions) (*Vol
 	}
 	if parent != nil {
 		// Same key, same layout: the ciphertext is copied as it is.
-		if err := copyData(v.f, parent.f, int64(parent.Head.DataOffset), int64(h.DataOffset), int64(parent.Head.SizeBytes)); err != nil {
-			v.Close()
-			os.Remove(path)
-			return nil, fmt.Errorf("create %s from %s: %w", opts.ID, parent.Head.VolumeID, err)
+		err := copyData(ctx, v.f, parent.f, int64(parent.Head.DataOffset), int64(h.DataOffset), int64(parent.Head.SizeBytes))
+		if err == nil {
+			err = v.complete()
+		}
+		if err != nil {
+			return nil, v.abandon(fmt.Errorf("create %s from %s: %w", opts.ID, parent.Head.VolumeID, err))
 		}
 	}
 	return v, nil
 }
 
-// createFile writes h into a new sparse file of the volume's full size.
+// createFile makes a new sparse file of the volume's full size with header
+// h. The file is made and its header synced under a temporary name beside
+// path, then renamed to path (never replacing a file there): a process
+// killed on the way leaves no file at path, or one with a whole header. The
+// new file is locked (see lock) for as long as it is open.
 func createFile(path string, h *Header) (*Volume, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("create volume: %w", err)
+	if _, err := os.Lstat(path); err == nil {
+		return nil, fmt.Errorf("create volume %s: %s: %w", h.VolumeID, path, fs.ErrExist)
 	}
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, filepath.Base(path)+".creating-*")
+	if err != nil {
+		return nil, fmt.Errorf("create volume %s: %w", h.VolumeID, err)
+	}
+	tmp := f.Name()
 	fail := func(err error) (*Volume, error) {
 		f.Close()
-		os.Remove(path)
+		os.Remove(tmp)
 		return nil, fmt.Errorf("create volume %s: %w", h.VolumeID, err)
+	}
+	v := &Volume{f: f, Head: h, path: tmp}
+	if err := v.lock(); err != nil {
+		return fail(err)
 	}
 	if err := f.Truncate(int64(h.DataOffset + h.SizeBytes)); err != nil {
 		return fail(err)
@@ -146,7 +184,46 @@ func createFile(path string, h *Header) (*Volume, error) {
 	if err := Write(f, h); err != nil {
 		return fail(err)
 	}
-	return &Volume{f: f, Head: h, path: path}, nil
+	if err := renameNoReplace(tmp, path); err != nil {
+		return fail(err)
+	}
+	v.path = path
+	if err := syncDir(dir); err != nil {
+		v.Close()
+		os.Remove(path)
+		return nil, fmt.Errorf("create volume %s: %w", h.VolumeID, err)
+	}
+	return v, nil
+}
+
+// renameNoReplace renames from to to, failing if to exists.
+func renameNoReplace(from, to string) error {
+	err := unix.Renameat2(unix.AT_FDCWD, from, unix.AT_FDCWD, to, unix.RENAME_NOREPLACE)
+	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) {
+		// A filesystem without RENAME_NOREPLACE: a hard link also refuses
+		// to replace, and the temporary name goes after.
+		if err = os.Link(from, to); err == nil {
+			return os.Remove(from)
+		}
+		return err
+	}
+	if err != nil {
+		return &os.LinkError{Op: "rename", Old: from, New: to, Err: err}
+	}
+	return nil
+}
+
+// syncDir makes a rename in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync directory %s: %w", dir, err)
+	}
+	return nil
 }
 
 // Open opens a volume file and reads its header.
@@ -172,11 +249,89 @@ func Open(path string, readOnly bool) (*Volume, error) {
 	return &Volume{f: f, Head: h, path: path}, nil
 }
 
-// Close closes the file.
+// Close closes the file (and so drops its lock).
 func (v *Volume) Close() error { return v.f.Close() }
 
 // Path returns the volume's path.
 func (v *Volume) Path() string { return v.path }
+
+// lock takes an exclusive lock on the whole volume file, which the
+// operations that fill a volume (create, import, snapshot, copy) hold while
+// they write: a second import or resume of the same volume is refused, and
+// InUse tells an interrupted operation from a running one. It is an open
+// file description lock (F_OFD_SETLK), the kind hemd serve claims a volume
+// with, so an import and a hemd serve of one volume exclude each other too.
+// The lock dies with the process.
+func (v *Volume) lock() error {
+	if v.locked {
+		return nil
+	}
+	lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: io.SeekStart} // Start 0, Len 0: the whole file
+	if err := unix.FcntlFlock(v.f.Fd(), unix.F_OFD_SETLK, &lk); err != nil {
+		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EACCES) {
+			return fmt.Errorf("volume %s (%s) is in use by another process (an import, or hemd serve)", v.Head.VolumeID, v.path)
+		}
+		return fmt.Errorf("lock volume %s: %w", v.path, err)
+	}
+	v.locked = true
+	return nil
+}
+
+// InUse reports whether another process holds a lock on the volume file:
+// for a volume that is creating, whether its operation is still running.
+func (v *Volume) InUse() bool {
+	if v.locked {
+		return false
+	}
+	lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: io.SeekStart}
+	if err := unix.FcntlFlock(v.f.Fd(), unix.F_OFD_GETLK, &lk); err != nil {
+		return false
+	}
+	return lk.Type != unix.F_UNLCK
+}
+
+// setState writes the header with state s and operation op, synced.
+func (v *Volume) setState(s State, op *Operation) error {
+	h := *v.Head
+	h.State, h.Operation = s, op
+	if err := Write(v.f, &h); err != nil {
+		return fmt.Errorf("volume %s: mark %s: %w", h.VolumeID, s, err)
+	}
+	v.Head = &h
+	return nil
+}
+
+// complete marks a volume whose data is all written available: the data
+// synced first, then the header.
+func (v *Volume) complete() error {
+	if err := unix.Fdatasync(int(v.f.Fd())); err != nil {
+		return fmt.Errorf("volume %s: sync data: %w", v.Head.VolumeID, err)
+	}
+	return v.setState(StateAvailable, nil)
+}
+
+// fail marks a volume error with err as the reason; it returns err.
+func (v *Volume) fail(err error) error {
+	op := *v.Head.Operation
+	op.Error = err.Error()
+	if len(op.Error) > maxErrorLen {
+		op.Error = op.Error[:maxErrorLen]
+	}
+	if serr := v.setState(StateError, &op); serr != nil {
+		return errors.Join(err, serr)
+	}
+	return err
+}
+
+// abandon removes a new volume whose operation failed. Should the file
+// stay (it cannot be removed), it is marked error. It returns err.
+func (v *Volume) abandon(err error) error {
+	if rerr := os.Remove(v.path); rerr != nil {
+		err = v.fail(err)
+	}
+	v.Close()
+	return err
+}
 
 // Unwrapper returns the function that unwraps the volume's data key through
 // the KMS, with the context stored in the header. A wrapped key swapped in
@@ -201,47 +356,190 @@ func Unwrapper(h *Header, kms KMS) datakey.Unwrap {
 // chunk is how much data import, export and copy move at a time.
 const chunk = 1 << 20
 
+// DefaultCheckpoint is how often an import records its progress.
+const DefaultCheckpoint = 64 << 20
+
 // Progress reports bytes done out of total.
 type Progress func(done, total int64)
 
-// Import encrypts the raw image r (size bytes) into the volume's data area.
-func (v *Volume) Import(ctx context.Context, kms KMS, r io.Reader, size int64, progress Progress) error {
-	if uint64(size) > v.Head.SizeBytes {
-		return fmt.Errorf("import into %s: image of %d bytes is larger than the volume (%d)", v.Head.VolumeID, size, v.Head.SizeBytes)
-	}
-	return v.withKey(ctx, kms, func(x *hem.XTS) error {
-		buf := make([]byte, chunk)
-		us := int64(x.UnitSize())
-		for off := int64(0); off < size; {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			n, err := io.ReadFull(r, buf[:min(chunk, size-off)])
-			if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) {
-				return fmt.Errorf("import into %s: read image at %d: %w", v.Head.VolumeID, off, err)
-			}
-			// A tail that is not a whole block is padded with zeros.
-			w := (int64(n) + int64(v.Head.BlockSize) - 1) / int64(v.Head.BlockSize) * int64(v.Head.BlockSize)
-			clear(buf[n:w])
-			x.Encrypt(buf[:w], buf[:w], uint64(off/us))
-			if _, err := v.f.WriteAt(buf[:w], int64(v.Head.DataOffset)+off); err != nil {
-				return fmt.Errorf("import into %s: %w", v.Head.VolumeID, err)
-			}
-			off += int64(n)
-			if progress != nil {
-				progress(off, size)
-			}
-			if n == 0 {
-				break
-			}
-		}
-		clear(buf)
-		return v.f.Sync()
-	})
+// ImportOptions tune Import.
+type ImportOptions struct {
+	// Source names the image (its absolute path): recorded in the header
+	// so that an interrupted import says what to resume from.
+	Source string
+	// Resume continues the interrupted import the header records, from
+	// its last checkpoint, instead of starting over.
+	Resume bool
+	// CheckpointEvery is how many bytes are imported between checkpoints
+	// (rounded to whole MiB; default DefaultCheckpoint). A checkpoint
+	// syncs the data (fdatasync), then records the bytes done in the
+	// header.
+	CheckpointEvery int64
+	Progress        Progress
 }
 
-// Export decrypts the volume's data area into w.
+// Import encrypts the raw image src of size bytes into the volume's data
+// area. The volume is creating from the start until every byte is written
+// and synced, then available; a killed import leaves it creating with its
+// last checkpoint, a failed one in state error with the reason. With
+// o.Resume, Import continues from the checkpoint after checking that src
+// has the size the interrupted import recorded and that its first MiB and
+// the MiB before the checkpoint are what the volume holds; it cannot tell an
+// image changed anywhere else.
+func (v *Volume) Import(ctx context.Context, kms KMS, src io.ReaderAt, size int64, o ImportOptions) error {
+	h := v.Head
+	id := h.VolumeID
+	if size < 0 || uint64(size) > h.SizeBytes {
+		return fmt.Errorf("import into %s: image of %d bytes is larger than the volume (%d)", id, size, h.SizeBytes)
+	}
+	if o.Source == "" && !o.Resume {
+		return fmt.Errorf("import into %s: the image is not named (ImportOptions.Source)", id)
+	}
+	if err := v.lock(); err != nil {
+		return fmt.Errorf("import into %s: %w", id, err)
+	}
+	every := max(o.CheckpointEvery, chunk) / chunk * chunk
+	if o.CheckpointEvery == 0 {
+		every = DefaultCheckpoint
+	}
+	var start int64
+	switch op := h.Operation; {
+	case o.Resume && h.Available():
+		return fmt.Errorf("import into %s: --resume: the volume is available: there is no import to resume", id)
+	case o.Resume && op.Kind != OpImport:
+		return fmt.Errorf("import into %s: --resume: %w", id, h.Servable(v.path))
+	case o.Resume && uint64(size) != op.SourceSize:
+		return fmt.Errorf("import into %s: --resume: the image has %d bytes, the interrupted import of %s had %d: not the same image",
+			id, size, op.Source, op.SourceSize)
+	case o.Resume:
+		start = int64(op.Done)
+		if h.State != StateCreating {
+			resumed := *op
+			resumed.Error = ""
+			if err := v.setState(StateCreating, &resumed); err != nil {
+				return fmt.Errorf("import into %s: %w", id, err)
+			}
+		}
+	case !h.Available() && op.Kind != OpImport:
+		return fmt.Errorf("import into %s: %w", id, h.Servable(v.path))
+	case h.State == StateCreating && op.Kind == OpImport && op.Done == 0 && op.Source == o.Source && op.SourceSize == uint64(size):
+		// Created for this import: the header says so already.
+	default:
+		op := &Operation{Kind: OpImport, Source: o.Source, SourceSize: uint64(size), Started: time.Now().UTC().Truncate(time.Second)}
+		if err := v.setState(StateCreating, op); err != nil {
+			return fmt.Errorf("import into %s: %w", id, err)
+		}
+	}
+	err := v.withKey(ctx, kms, func(x *hem.XTS) error {
+		if start > 0 {
+			if err := v.sameImage(src, x, start); err != nil {
+				return err
+			}
+		}
+		return v.encryptFrom(ctx, src, x, start, size, every, o.Progress)
+	})
+	if err == nil {
+		err = v.complete()
+	}
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, errDifferentImage) || ctx.Err() != nil:
+		return fmt.Errorf("import into %s: %w", id, err) // resume refused, or interrupted: still creating
+	}
+	return fmt.Errorf("import into %s: %w", id, v.fail(err))
+}
+
+var errDifferentImage = errors.New("not the same image")
+
+// sameImage checks that the image's first MiB and the MiB before the
+// checkpoint at done are what the volume holds.
+func (v *Volume) sameImage(src io.ReaderAt, x *hem.XTS, done int64) error {
+	a, b := make([]byte, chunk), make([]byte, chunk)
+	defer clear(a)
+	defer clear(b)
+	us := int64(x.UnitSize())
+	for _, off := range []int64{0, max(0, done-chunk)} {
+		n := min(chunk, done-off)
+		if err := readFull(src, a[:n], off); err != nil {
+			return fmt.Errorf("read image at %d: %w", off, err)
+		}
+		if _, err := v.f.ReadAt(b[:n], int64(v.Head.DataOffset)+off); err != nil {
+			return err
+		}
+		x.Decrypt(b[:n], b[:n], uint64(off/us))
+		if !bytes.Equal(a[:n], b[:n]) {
+			return fmt.Errorf("%w: the image differs from what the interrupted import of %s wrote (MiB %d); import without --resume to start over",
+				errDifferentImage, v.Head.Operation.Source, off>>20)
+		}
+	}
+	return nil
+}
+
+// encryptFrom encrypts the image's bytes [off, size) into the data area,
+// with a checkpoint every every bytes.
+func (v *Volume) encryptFrom(ctx context.Context, src io.ReaderAt, x *hem.XTS, off, size, every int64, progress Progress) error {
+	buf := make([]byte, chunk)
+	defer clear(buf)
+	us, bs := int64(x.UnitSize()), int64(v.Head.BlockSize)
+	for last := off; off < size; {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n := min(chunk, size-off)
+		if err := readFull(src, buf[:n], off); err != nil {
+			return fmt.Errorf("read image at %d: %w", off, err)
+		}
+		// A tail that is not a whole block is padded with zeros.
+		w := (n + bs - 1) / bs * bs
+		clear(buf[n:w])
+		x.Encrypt(buf[:w], buf[:w], uint64(off/us))
+		if _, err := v.f.WriteAt(buf[:w], int64(v.Head.DataOffset)+off); err != nil {
+			return err
+		}
+		off += n
+		if progress != nil {
+			progress(off, size)
+		}
+		if off-last >= every && off < size {
+			if err := v.checkpoint(off); err != nil {
+				return err
+			}
+			last = off
+		}
+	}
+	return nil
+}
+
+// checkpoint records that the image's first done bytes are in the volume:
+// the data synced first, then the header.
+func (v *Volume) checkpoint(done int64) error {
+	if err := unix.Fdatasync(int(v.f.Fd())); err != nil {
+		return fmt.Errorf("sync data: %w", err)
+	}
+	op := *v.Head.Operation
+	op.Done = uint64(done)
+	return v.setState(StateCreating, &op)
+}
+
+// readFull reads len(p) bytes at off; an image that ends before is an error.
+func readFull(r io.ReaderAt, p []byte, off int64) error {
+	n, err := r.ReadAt(p, off)
+	if n == len(p) {
+		return nil
+	}
+	if err == nil || errors.Is(err, io.EOF) {
+		return fmt.Errorf("the image ends at %d: it changed size during the import", off+int64(n))
+	}
+	return err
+}
+
+// Export decrypts the volume's data area into w. A volume that is not
+// available is refused: its data is incomplete.
 func (v *Volume) Export(ctx context.Context, kms KMS, w io.Writer, progress Progress) error {
+	if err := v.Head.Servable(v.path); err != nil {
+		return fmt.Errorf("export: %w", err)
+	}
 	return v.withKey(ctx, kms, func(x *hem.XTS) error {
 		buf := make([]byte, chunk)
 		defer clear(buf)
@@ -268,6 +566,47 @@ func (v *Volume) Export(ctx context.Context, kms KMS, w io.Writer, progress Prog
 	})
 }
 
+// ExportFile decrypts the volume into a new file at path. The plaintext is
+// written to a temporary file beside path (path.partial-*), synced, and
+// renamed to path at the end, so path holds the whole export or nothing; an
+// existing path is refused. A killed export leaves only the partial file.
+func (v *Volume) ExportFile(ctx context.Context, kms KMS, path string, progress Progress) error {
+	if _, err := os.Lstat(path); err == nil {
+		return fmt.Errorf("export %s: %s: %w", v.Head.VolumeID, path, fs.ErrExist)
+	}
+	if err := v.Head.Servable(v.path); err != nil {
+		return fmt.Errorf("export: %w", err)
+	}
+	dir := filepath.Dir(path)
+	out, err := os.CreateTemp(dir, filepath.Base(path)+".partial-*")
+	if err != nil {
+		return fmt.Errorf("export %s: %w", v.Head.VolumeID, err)
+	}
+	tmp := out.Name()
+	err = v.Export(ctx, kms, out, progress)
+	if err == nil {
+		if err = out.Sync(); err != nil {
+			err = fmt.Errorf("export %s: sync %s: %w", v.Head.VolumeID, tmp, err)
+		}
+	}
+	if cerr := out.Close(); err == nil && cerr != nil {
+		err = fmt.Errorf("export %s: %w", v.Head.VolumeID, cerr)
+	}
+	if err == nil {
+		if err = renameNoReplace(tmp, path); err != nil {
+			err = fmt.Errorf("export %s: %w", v.Head.VolumeID, err)
+		}
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	if err := syncDir(dir); err != nil {
+		return fmt.Errorf("export %s: %w", v.Head.VolumeID, err)
+	}
+	return nil
+}
+
 // withKey unwraps the data key into locked memory for fn and zeroizes it after.
 func (v *Volume) withKey(ctx context.Context, kms KMS, fn func(*hem.XTS) error) error {
 	k := datakey.New(int(v.Head.DataUnitSize))
@@ -280,31 +619,45 @@ func (v *Volume) withKey(ctx context.Context, kms KMS, fn func(*hem.XTS) error) 
 }
 
 // Snapshot copies the volume into a new snapshot file at path: same data
-// key, same wrapped key and context, the ciphertext copied as it is.
-func (v *Volume) Snapshot(path, snapID string) (*Volume, error) {
+// key, same wrapped key and context, the ciphertext copied as it is. The
+// snapshot is creating until its data is copied and synced; one that fails
+// is removed.
+func (v *Volume) Snapshot(ctx context.Context, path, snapID string) (*Volume, error) {
+	if err := v.Head.Servable(v.path); err != nil {
+		return nil, fmt.Errorf("snapshot: %w", err)
+	}
 	if snapID == "" {
 		snapID = NewID("snap")
 	}
 	h := *v.Head
 	h.VolumeID, h.Seq, h.ParentSnapshot = snapID, 0, ""
 	h.Created = time.Now().UTC().Truncate(time.Second)
+	h.State = StateCreating
+	h.Operation = &Operation{Kind: OpSnapshot, Source: v.Head.VolumeID, SourceSize: v.Head.SizeBytes, Started: h.Created}
 	s, err := createFile(path, &h)
 	if err != nil {
 		return nil, err
 	}
-	if err := copyData(s.f, v.f, int64(v.Head.DataOffset), int64(h.DataOffset), int64(h.SizeBytes)); err != nil {
-		s.Close()
-		os.Remove(path)
-		return nil, fmt.Errorf("snapshot %s of %s: %w", snapID, v.Head.VolumeID, err)
+	err = copyData(ctx, s.f, v.f, int64(v.Head.DataOffset), int64(h.DataOffset), int64(h.SizeBytes))
+	if err == nil {
+		err = s.complete()
 	}
-	return s, s.f.Sync()
+	if err != nil {
+		return nil, s.abandon(fmt.Errorf("snapshot %s of %s: %w", snapID, v.Head.VolumeID, err))
+	}
+	return s, nil
 }
 
 // CopySnapshot copies a snapshot into a new snapshot under another CMK: a new
-// data key (context: the new snapshot id), the data re-encrypted.
+// data key (context: the new snapshot id), the data re-encrypted. The copy
+// is creating until its data is written and synced; one that fails is
+// removed.
 func (v *Volume) CopySnapshot(ctx context.Context, kms KMS, path, keyID, snapID string) (*Volume, error) {
 	if !ValidSnapshotID(v.Head.VolumeID) {
 		return nil, fmt.Errorf("copy %s: not a snapshot", v.Head.VolumeID)
+	}
+	if err := v.Head.Servable(v.path); err != nil {
+		return nil, fmt.Errorf("copy: %w", err)
 	}
 	if snapID == "" {
 		snapID = NewID("snap")
@@ -316,6 +669,8 @@ func (v *Volume) CopySnapshot(ctx context.Context, kms KMS, path, keyID, snapID 
 	h.VolumeID, h.Seq, h.ParentSnapshot = snapID, 0, ""
 	h.Created = time.Now().UTC().Truncate(time.Second)
 	h.EncryptionContext = map[string]string{ContextKey: snapID}
+	h.State = StateCreating
+	h.Operation = &Operation{Kind: OpCopy, Source: v.Head.VolumeID, SourceSize: v.Head.SizeBytes, Started: h.Created}
 	blob, arn, err := kms.GenerateDataKeyWithoutPlaintext(ctx, keyID, h.EncryptionContext)
 	if err != nil {
 		return nil, fmt.Errorf("copy %s: generate data key under %s: %w", v.Head.VolumeID, keyID, err)
@@ -325,21 +680,16 @@ func (v *Volume) CopySnapshot(ctx context.Context, kms KMS, path, keyID, snapID 
 	if err != nil {
 		return nil, err
 	}
-	fail := func(err error) (*Volume, error) {
-		dst.Close()
-		os.Remove(path)
-		return nil, fmt.Errorf("copy %s to %s: %w", v.Head.VolumeID, snapID, err)
-	}
 	err = v.withKey(ctx, kms, func(src *hem.XTS) error {
 		return dst.withKey(ctx, kms, func(out *hem.XTS) error {
 			return reencrypt(ctx, v, dst, src, out)
 		})
 	})
-	if err != nil {
-		return fail(err)
+	if err == nil {
+		err = dst.complete()
 	}
-	if err := dst.f.Sync(); err != nil {
-		return fail(err)
+	if err != nil {
+		return nil, dst.abandon(fmt.Errorf("copy %s to %s: %w", v.Head.VolumeID, snapID, err))
 	}
 	return dst, nil
 }
@@ -405,10 +755,13 @@ func forData(f *os.File, base, size int64, fn func(off, n int64) error) error {
 
 // copyData copies size bytes of ciphertext from src at srcOff to dst at
 // dstOff, keeping holes.
-func copyData(dst, src *os.File, srcOff, dstOff, size int64) error {
+func copyData(ctx context.Context, dst, src *os.File, srcOff, dstOff, size int64) error {
 	buf := make([]byte, chunk)
 	return forData(src, srcOff, size, func(off, n int64) error {
 		for n > 0 {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
 			c := min(n, chunk)
 			if _, err := src.ReadAt(buf[:c], srcOff+off); err != nil {
 				return err

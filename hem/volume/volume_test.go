@@ -102,7 +102,7 @@ func TestCreateImportExport(t *testing.T) {
 	}
 	img := image(3<<20 + 1000) // not a whole number of blocks: padded
 	var steps int
-	if err := v.Import(context.Background(), kms, bytes.NewReader(img), int64(len(img)), func(done, total int64) { steps++ }); err != nil {
+	if err := v.Import(context.Background(), kms, bytes.NewReader(img), int64(len(img)), ImportOptions{Source: "img", Progress: func(done, total int64) { steps++ }}); err != nil {
 		t.Fatal(err)
 	}
 	if steps < 4 {
@@ -137,8 +137,10 @@ func TestSnapshots(t *testing.T) {
 		t.Fatal(err)
 	}
 	img := image(2 << 20)
-	v.Import(ctx, kms, bytes.NewReader(img), int64(len(img)), nil)
-	snap, err := v.Snapshot(filepath.Join(dir, "s"), "")
+	if err := v.Import(ctx, kms, bytes.NewReader(img), int64(len(img)), ImportOptions{Source: "img"}); err != nil {
+		t.Fatal(err)
+	}
+	snap, err := v.Snapshot(ctx, filepath.Join(dir, "s"), "")
 	if err != nil {
 		t.Fatal(err)
 	}

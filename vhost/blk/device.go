@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/hemd/hemd/vhost"
 )
@@ -56,7 +57,34 @@ type Config struct {
 	Queues    int  // most queues, 1..64
 	Keys      Keys // nil for a plaintext disk
 	Log       *slog.Logger
+	// Claim is the volume's one-writer lock; nil: none. The device lets go
+	// of it at a live migration's switchover (HandOff) and takes it in
+	// Start when it does not hold it: a source whose migration failed runs
+	// again, or Incoming.
+	Claim Claim
+	// Incoming: the claim is not held yet (the destination of a live
+	// migration); the first Start takes it once the source lets go.
+	Incoming bool
+	// ClaimWait bounds, in all, how long Starts wait for the holder of the
+	// claim to let go (default 30 s); once it passed without the claim, a
+	// Start tries once.
+	ClaimWait time.Duration
 }
+
+// Claim is the volume's one-writer lock as the device uses it (a
+// storage.Lock).
+type Claim interface {
+	// Acquire takes the claim, waiting for its holder to let go until ctx
+	// ends; it returns at once if the claim is held already. Its error
+	// names the holder.
+	Acquire(ctx context.Context) error
+	// Release lets go of the claim.
+	Release()
+}
+
+// defaultClaimWait is how long Starts wait for a migration's source to let
+// go of the volume, in all.
+const defaultClaimWait = 30 * time.Second
 
 // Virtio-blk feature bits.
 const (
@@ -101,6 +129,11 @@ type Device struct {
 	xform  Transform
 	failed error // why the last attach failed: every request gets IOERR
 	serial string
+	// claimed: the device holds its Claim. claimBy ends the current wait
+	// for it (zero: no wait begun). Both are touched by Start and HandOff
+	// only, on the session goroutine.
+	claimed bool
+	claimBy time.Time
 }
 
 // New checks cfg and returns the device.
@@ -131,8 +164,12 @@ func New(cfg Config) (*Device, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
+	if cfg.ClaimWait <= 0 {
+		cfg.ClaimWait = defaultClaimWait
+	}
 	return &Device{
-		cfg: cfg,
+		cfg:     cfg,
+		claimed: cfg.Claim != nil && !cfg.Incoming,
 		lim: limits{
 			capacity:    uint64(size) / sectorSize,
 			blockSize:   cfg.BlockSize,
@@ -228,11 +265,15 @@ func (d *Device) Check(ctx context.Context) error {
 	return nil
 }
 
-// Start implements vhost.Device: it attaches the volume's keys. If that
-// fails the device fails closed: the rings run, but every request completes
-// with IOERR and nothing is read or written.
+// Start implements vhost.Device: it takes the volume's claim if it does not
+// hold it (or fails, and the rings stay stopped), then attaches the volume's
+// keys. If the attach fails the device fails closed: the rings run, but every
+// request completes with IOERR and nothing is read or written.
 func (d *Device) Start(ctx context.Context, features uint64) error {
 	d.failed = nil
+	if err := d.claim(ctx); err != nil {
+		return err
+	}
 	if d.cfg.Keys == nil {
 		return nil
 	}
@@ -250,6 +291,50 @@ func (d *Device) Start(ctx context.Context, features uint64) error {
 	}
 	d.xform = x
 	return nil
+}
+
+// claim takes the volume's claim if the device does not hold it, waiting
+// for the holder (a migration's source at its switchover) to let go, up to
+// ClaimWait in all.
+func (d *Device) claim(ctx context.Context) error {
+	if d.cfg.Claim == nil || d.claimed {
+		return nil
+	}
+	began := time.Now()
+	if d.claimBy.IsZero() {
+		d.claimBy = began.Add(d.cfg.ClaimWait)
+	}
+	wctx, cancel := context.WithDeadline(ctx, d.claimBy)
+	defer cancel()
+	if err := d.cfg.Claim.Acquire(wctx); err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("volume %s: %w", d.cfg.ID, ctx.Err())
+		}
+		return fmt.Errorf("volume %s: not handed over within %v: %w", d.cfg.ID, d.cfg.ClaimWait, err)
+	}
+	d.claimed, d.claimBy = true, time.Time{}
+	d.log.Info("event=take-over", "waited", time.Since(began).Round(time.Millisecond))
+	return nil
+}
+
+// HandOff implements vhost.HandOffer: at a live migration's switchover
+// (every ring stopped, the keys detached) the device makes what it wrote
+// durable and lets go of the volume's claim, so that the destination can
+// take it. A later Start takes it back, or fails if the destination has it.
+func (d *Device) HandOff() {
+	if d.cfg.Claim == nil || !d.claimed {
+		return
+	}
+	if !d.cfg.ReadOnly {
+		if err := d.cfg.Store.Flush(); err != nil {
+			// The destination on this host still sees the writes (the page
+			// cache); one on another host may not.
+			d.log.Error("flush before hand-off failed", "err", err)
+		}
+	}
+	d.cfg.Claim.Release()
+	d.claimed, d.claimBy = false, time.Time{}
+	d.log.Info("event=hand-off")
 }
 
 // Stop implements vhost.Device: it detaches (zeroizes) the keys.
