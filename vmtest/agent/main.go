@@ -2,8 +2,9 @@
 // initramfs) and does the byte work busybox cannot: it writes and verifies
 // the test pattern over a whole disk with O_DIRECT, from several goroutines
 // so that several virtqueues carry I/O, and it soaks a region of the disk
-// with generation-tagged writes and read-backs (soak.go). It prints one
-// result line:
+// with generation-tagged writes and read-backs (soak.go), or writes
+// generation-tagged blocks and logs the order of its writes while the host
+// takes snapshots (snapwrite.go). It prints one result line:
 //
 //	HEMD-RESULT ok <what> ...   or   HEMD-RESULT fail <what> <why>
 //
@@ -11,6 +12,7 @@
 //
 //	agent pattern write|verify DEVICE SEED [WORKERS [OFFSET LENGTH]]
 //	agent soak DEVICE SECONDS WORKERS OFFSET LENGTH SEED
+//	agent snapwrite DEVICE CHANNEL WORKERS OFFSET LENGTH LOGOFFSET SEED MAXSECONDS
 //	agent marker DEVICE OFFSET TEXT
 //	agent find DEVICE TEXT
 package main
@@ -55,9 +57,12 @@ func main() {
 	if len(os.Args) == 8 && os.Args[1] == "soak" {
 		os.Exit(soakMain(os.Args[2:]))
 	}
+	if len(os.Args) > 1 && os.Args[1] == "snapwrite" {
+		os.Exit(snapwriteMain(os.Args[2:]))
+	}
 	if len(os.Args) < 5 || len(os.Args) == 7 || len(os.Args) > 8 || os.Args[1] != "pattern" {
 		fmt.Println("usage: agent pattern write|verify DEVICE SEED [WORKERS [OFFSET LENGTH]] | " +
-			"agent soak DEVICE SECONDS WORKERS OFFSET LENGTH SEED | agent marker DEVICE OFFSET TEXT | agent find DEVICE TEXT")
+			"agent soak DEVICE SECONDS WORKERS OFFSET LENGTH SEED | " + snapwriteUsage + " | agent marker DEVICE OFFSET TEXT | agent find DEVICE TEXT")
 		os.Exit(2)
 	}
 	op, dev := os.Args[2], os.Args[3]

@@ -137,7 +137,9 @@ const secret = "HEMD-CLOUD-PLAINTEXT-5d1c0e7b-the-host-must-never-see-this"
 // once per instance); on the next boot a per-boot script finds the file
 // intact and powers off. Each step prints a marker on the console with the
 // boot's id, so that the second marker is seen to come from another boot.
-var encryptedUserData = strings.ReplaceAll(`#cloud-config
+// Before that poweroff the second boot writes files while the host takes
+// snapshots (snapshot_test.go).
+var encryptedUserData = strings.NewReplacer("@SECRET@", secret, "@LOAD@", loadFiles).Replace(`#cloud-config
 write_files:
   - path: /usr/local/sbin/hemd-first-boot
     permissions: '0755'
@@ -164,7 +166,9 @@ write_files:
       cd /var/lib/hemd
       if md5sum -c --status secret.md5 && [ "$(grep -c '@SECRET@' secret.txt)" = 4096 ]; then r=ok; else r=fail; fi
       echo "HEMD-SECOND-BOOT $r md5 $(cut -c1-12 secret.md5), boot $(cat /proc/sys/kernel/random/boot_id)" > /dev/ttyS0
+      /usr/local/sbin/hemd-load || echo "HEMD-LOAD-FAIL exit $?" > /dev/ttyS0
       systemctl --no-block poweroff
+@LOAD@
 runcmd:
   - [sh, -c, '/usr/local/sbin/hemd-first-boot || echo HEMD-FAIL first boot > /dev/ttyS0']
 power_state:
@@ -172,7 +176,7 @@ power_state:
   delay: now
   condition: true
   timeout: 60
-`, "@SECRET@", secret)
+`)
 
 // attachEvent is hemd's log of an attach (not of a refused or failed one).
 var attachEvent = regexp.MustCompile(`event=attach\b[^-]`)
@@ -183,7 +187,9 @@ var attachEvent = regexp.MustCompile(`event=attach\b[^-]`)
 // file, reads it back, reboots inside the same QEMU and finds the file
 // again. Afterwards the volume file holds none of the file's plaintext,
 // hemd's export of the volume has the file, and each boot's attach asked
-// the KMS (Decrypt). It returns the first boot's time to cloud-init's end.
+// the KMS (Decrypt). While the second boot writes files, snapshots of the
+// volume are taken and checked (snapshotsUnderLoad). It returns the first
+// boot's time to cloud-init's end.
 func bootEncrypted(t *testing.T, im *Image) time.Duration {
 	dir := t.TempDir()
 	bin, err := vmtest.BuildHemd(dir)
@@ -221,8 +227,9 @@ func bootEncrypted(t *testing.T, im *Image) time.Duration {
 		return strings.Count(string(b), `"eventName":"Decrypt"`)
 	}
 	before := decrypts()
-	served := vmtest.Hemd{Bin: bin, Env: env}.Serve(t, vol, 2)
-	vm := startVM(t, Rebootable(BootArgs(im, served.Socket, 2, seed)))
+	ctl, chSock := filepath.Join(dir, "control.sock"), filepath.Join(dir, "ch.sock")
+	served := vmtest.Hemd{Bin: bin, Env: env, Args: []string{"--control", ctl}}.Serve(t, vol, 2)
+	vm := startVM(t, append(Rebootable(BootArgs(im, served.Socket, 2, seed)), channelArgs(chSock)...))
 	written := expect(t, vm, 0, `HEMD-(WRITTEN|FAIL).*boot (\S+)|HEMD-FAIL`)
 	if written.Sub[1] != "WRITTEN" {
 		t.Fatalf("the guest failed: %s", written.Text)
@@ -237,6 +244,7 @@ func bootEncrypted(t *testing.T, im *Image) time.Duration {
 	}
 	t.Logf("file written and read back at %.1f s, cloud-init finished at %.1f s, checked after the reboot at %.1f s",
 		written.At.Seconds(), fin.At.Seconds(), second.At.Seconds())
+	snapshotsUnderLoad(t, vm, second.Next, chSock, bin, env, ctl, vol, dir)
 	if err := vm.Wait(2 * time.Minute); err != nil {
 		t.Fatal(err)
 	}
