@@ -9,27 +9,42 @@ HEMD      := $(BUILD)/hemd
 # Debian packages the build, the tests and the demo need.
 APT_PKGS  := qemu-system-x86 qemu-utils busybox-static cpio softhsm2 opensc \
              python3-cryptography libssl-dev openssl mmdebstrap e2fsprogs dosfstools mtools \
-             systemd libvirt0 libxml2-utils awscli python3-boto3
+             systemd libvirt0 libxml2-utils awscli python3-boto3 qemu-block-extra curl \
+             libvirt-daemon-system libvirt-clients
+# Ceph for the RBD backend (librbd, librados and their headers: cgo) and for
+# the one-node cluster the tests start; without recommends (83 packages).
+CEPH_PKGS := ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev librados-dev
+# GOTAGS are build tags for make build: norbd builds hemd without Ceph RBD
+# (no cgo, no librbd needed).
+GOTAGS    ?=
 FUZZTIME  ?= 60s
 
 .PHONY: all build deps test test-unit test-vm fuzz demo bench bench-xts vet clean
 
 all: build
 
-# deps installs the Debian packages that are missing (apt-get update once).
+# deps installs the Debian packages that are missing (apt-get update once);
+# the Ceph packages without their recommends.
 deps:
 	@missing=""; for p in $(APT_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
 	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
+	ceph=""; for p in $(CEPH_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || ceph="$$ceph $$p"; \
+	done; \
+	if [ -n "$$missing$$ceph" ]; then \
+	  echo "installing:$$missing$$ceph"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	  $$SUDO apt-get update -q && \
+	  { [ -z "$$missing" ] || DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; } && \
+	  { [ -z "$$ceph" ] || DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$ceph; }; \
 	fi
 
+# build makes hemd with Ceph RBD (cgo, librbd); make build GOTAGS=norbd
+# makes one without.
 build:
 	@mkdir -p $(BUILD)
-	$(GO) build -o $(HEMD) ./cmd/hemd
+	$(GO) build -tags '$(GOTAGS)' -o $(HEMD) ./cmd/hemd
 
 vet:
 	$(GO) vet ./...

@@ -20,11 +20,27 @@ type Config struct {
 	Endpoint        string `toml:"endpoint"`
 	AccessKeyID     string `toml:"access_key_id"`
 	SecretAccessKey string `toml:"secret_access_key"`
+	// CAFile: the PEM certificates an https endpoint must chain to
+	// (default: the system's).
+	CAFile string `toml:"ca_file"`
+	// ClientCert and ClientKey: this host's certificate and key (PEM), for
+	// a KMS that requires mutual TLS (hemd kms serve --client-ca).
+	ClientCert string `toml:"client_cert"`
+	ClientKey  string `toml:"client_key"`
+	// InsecureHTTP allows plain http:// to a KMS that is not on this host
+	// (and hemd kms serve to listen without TLS on a non-loopback
+	// address); hemd warns about it at every start.
+	InsecureHTTP bool `toml:"insecure_http"`
+	// Recipient: Decrypt names a Recipient (a fresh key pair per attach),
+	// so that the data key never crosses the wire in plaintext. Default
+	// true; false for a KMS that does not do it (AWS KMS outside Nitro).
+	Recipient *bool `toml:"recipient"`
 }
 
 // FromEnv returns c with the environment on top: HEMD_PKCS11_MODULE,
 // HEMD_PKCS11_TOKEN, HEMD_PKCS11_PIN, HEMD_KMS_ENDPOINT, HEMD_KMS_REGION,
-// HEMD_KMS_ACCESS_KEY_ID and HEMD_KMS_SECRET_ACCESS_KEY.
+// HEMD_KMS_ACCESS_KEY_ID, HEMD_KMS_SECRET_ACCESS_KEY, HEMD_KMS_CA_FILE,
+// HEMD_KMS_CLIENT_CERT and HEMD_KMS_CLIENT_KEY.
 //
 // The region ([kms] region, HEMD_KMS_REGION) is the one the remote KMS's
 // requests are signed for and the embedded KMS's ARNs name; a remote key
@@ -41,6 +57,9 @@ func (c Config) FromEnv() Config {
 		{"HEMD_KMS_REGION", &c.Region},
 		{"HEMD_KMS_ACCESS_KEY_ID", &c.AccessKeyID},
 		{"HEMD_KMS_SECRET_ACCESS_KEY", &c.SecretAccessKey},
+		{"HEMD_KMS_CA_FILE", &c.CAFile},
+		{"HEMD_KMS_CLIENT_CERT", &c.ClientCert},
+		{"HEMD_KMS_CLIENT_KEY", &c.ClientKey},
 	} {
 		if v := os.Getenv(e.name); v != "" {
 			*e.dst = v
@@ -61,10 +80,15 @@ func Open(ctx context.Context, cfg Config, stateDir string, log *slog.Logger) (D
 		log = slog.New(slog.DiscardHandler)
 	}
 	if cfg.Endpoint != "" {
-		c := awsjson.NewClient(cfg.Endpoint, cfg.Region, cfg.AccessKeyID, cfg.SecretAccessKey)
-		c.Log = log
-		log.Debug("kms: remote", "endpoint", cfg.Endpoint, "region", c.Region)
-		return c, io.NopCloser(nil), nil
+		c, err := awsjson.NewClientWith(awsjson.ClientConfig{Endpoint: cfg.Endpoint, Region: cfg.Region,
+			AccessKeyID: cfg.AccessKeyID, SecretAccessKey: cfg.SecretAccessKey, CAFile: cfg.CAFile,
+			CertFile: cfg.ClientCert, KeyFile: cfg.ClientKey, InsecureHTTP: cfg.InsecureHTTP,
+			Recipient: cfg.Recipient == nil || *cfg.Recipient, Log: log})
+		if err != nil {
+			return nil, nil, err
+		}
+		log.Debug("kms: remote", "endpoint", cfg.Endpoint, "region", c.Region, "recipient", c.Keys != nil)
+		return c, c, nil
 	}
 	k, err := hsm.Open(cfg.Config, stateDir)
 	if err != nil {

@@ -3,7 +3,9 @@ package kmsclient
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"os"
+	"strings"
 	"testing"
 
 	"github.com/BurntSushi/toml"
@@ -115,13 +117,79 @@ account = "123456789012"
 endpoint = "https://kms.example:7788"
 access_key_id = "AKID"
 secret_access_key = "s"
+ca_file = "/etc/hemd/kms-ca.pem"
+client_cert = "/etc/hemd/host.pem"
+client_key = "/etc/hemd/host.key"
+insecure_http = true
+recipient = false
 `, &f)
 	if err != nil || len(md.Undecoded()) != 0 {
 		t.Fatalf("%v undecoded %v", err, md.Undecoded())
 	}
 	want := Config{Config: hsm.Config{Module: "/usr/lib/x/p11.so", TokenLabel: "prod", PIN: "0000", Region: "eu-west-1",
-		Account: "123456789012"}, Endpoint: "https://kms.example:7788", AccessKeyID: "AKID", SecretAccessKey: "s"}
-	if f.KMS != want {
+		Account: "123456789012"}, Endpoint: "https://kms.example:7788", AccessKeyID: "AKID", SecretAccessKey: "s",
+		CAFile: "/etc/hemd/kms-ca.pem", ClientCert: "/etc/hemd/host.pem", ClientKey: "/etc/hemd/host.key", InsecureHTTP: true,
+		Recipient: f.KMS.Recipient}
+	if f.KMS != want || f.KMS.Recipient == nil || *f.KMS.Recipient {
 		t.Fatalf("%+v", f.KMS)
+	}
+}
+
+// TestOpenEndpointPolicy: plain HTTP to another host is refused unless
+// insecure_http, and then warned about; https, loopback and unix sockets
+// are fine. The remote client names a Recipient unless recipient = false.
+func TestOpenEndpointPolicy(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		endpoint string
+		insecure bool
+		refused  bool
+		warned   bool
+	}{
+		{"http://10.1.2.3:7788", false, true, false},
+		{"http://kms.example:7788", false, true, false},
+		{"http://10.1.2.3:7788", true, false, true},
+		{"http://127.0.0.1:7788", false, false, false},
+		{"http://[::1]:7788", false, false, false},
+		{"http://localhost:7788", false, false, false},
+		{"https://kms.example:7788", false, false, false},
+		{"unix:/run/hemd/kms.sock", false, false, false},
+		{"ftp://kms.example", true, true, false},
+		{"kms.example:7788", true, true, false},
+	} {
+		var log strings.Builder
+		l := slog.New(slog.NewTextHandler(&log, nil))
+		dk, c, err := Open(ctx, Config{Endpoint: tc.endpoint, InsecureHTTP: tc.insecure}, t.TempDir(), l)
+		if (err != nil) != tc.refused {
+			t.Errorf("%s (insecure_http %v): %v", tc.endpoint, tc.insecure, err)
+			continue
+		}
+		if err != nil {
+			if strings.HasPrefix(tc.endpoint, "http://") && !errors.Is(err, awsjson.ErrInsecureEndpoint) {
+				t.Errorf("%s: %v", tc.endpoint, err)
+			}
+			continue
+		}
+		if warned := strings.Contains(log.String(), "insecure_http"); warned != tc.warned {
+			t.Errorf("%s: warned %v:\n%s", tc.endpoint, warned, log.String())
+		}
+		if dk.(*awsjson.Client).Keys == nil {
+			t.Errorf("%s: no recipient by default", tc.endpoint)
+		}
+		c.Close()
+	}
+	dk, c, err := Open(ctx, Config{Endpoint: "https://kms.example", Recipient: new(false)}, t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if dk.(*awsjson.Client).Keys != nil {
+		t.Fatal("recipient = false still names a Recipient")
+	}
+	if _, _, err := Open(ctx, Config{Endpoint: "https://kms.example", ClientCert: "/x.pem"}, t.TempDir(), nil); err == nil {
+		t.Fatal("a client certificate without its key was accepted")
+	}
+	if _, _, err := Open(ctx, Config{Endpoint: "https://kms.example", CAFile: "/nonexistent.pem"}, t.TempDir(), nil); err == nil {
+		t.Fatal("a missing ca_file was accepted")
 	}
 }

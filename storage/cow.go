@@ -102,8 +102,8 @@ func (s *File) StartCOW(off, n int64, dst io.WriterAt, o COWOptions) (*COW, erro
 	if o.Chunk < 4096 || o.Chunk > copyRun || o.Chunk&(o.Chunk-1) != 0 {
 		return nil, fmt.Errorf("snapshot of %s: chunk of %d bytes: want a power of two from 4 KiB to 1 MiB", s.path, o.Chunk)
 	}
-	if off < 0 || n <= 0 || off+n < off || off+n > s.size {
-		return nil, fmt.Errorf("snapshot of %s (%d bytes): range %d+%d out of range", s.path, s.size, off, n)
+	if size := s.Size(); off < 0 || n <= 0 || off+n < off || off+n > size {
+		return nil, fmt.Errorf("snapshot of %s (%d bytes): range %d+%d out of range", s.path, size, off, n)
 	}
 	c := &COW{
 		f: s, off: off, n: n, dst: dst, zeroed: o.DstZeroed,

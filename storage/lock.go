@@ -212,8 +212,33 @@ func (l *Lock) Held() bool {
 	return l.held
 }
 
-// errBusy is a lock attempt refused because of another holder.
-var errBusy = errors.New("busy")
+// ErrBusy is a lock attempt refused because another holder has the lock;
+// a lock's try step returns it so that AcquireLoop tries again.
+var ErrBusy = errors.New("busy")
+var errBusy = ErrBusy
+
+// AcquireLoop is the body of a lock's TryAcquire and Acquire: it calls try
+// until try returns anything but ErrBusy, every poll, or, once ctx ends,
+// returns inUse's refusal naming the holder.
+func AcquireLoop(ctx context.Context, poll time.Duration, try, inUse func() error) error {
+	var tick <-chan time.Time
+	for {
+		err := try()
+		if !errors.Is(err, ErrBusy) {
+			return err
+		}
+		if tick == nil {
+			t := time.NewTicker(poll)
+			defer t.Stop()
+			tick = t.C
+		}
+		select {
+		case <-ctx.Done():
+			return inUse()
+		case <-tick:
+		}
+	}
+}
 
 // try takes the lock if it is free.
 func (l *Lock) try() error {
@@ -275,19 +300,7 @@ const lockPoll = 15 * time.Millisecond
 // holds it already). When ctx ends first, the error is an *InUseError
 // naming the holder.
 func (l *Lock) Acquire(ctx context.Context) error {
-	t := time.NewTicker(lockPoll)
-	defer t.Stop()
-	for {
-		err := l.try()
-		if !errors.Is(err, errBusy) {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return l.inUse()
-		case <-t.C:
-		}
-	}
+	return AcquireLoop(ctx, lockPoll, l.try, l.inUse)
 }
 
 // inUse reads the holder's record for the refusal. A holder that has just
@@ -443,4 +456,16 @@ func procStart(pid int) uint64 {
 		return 0
 	}
 	return v
+}
+
+// Alive reports whether the recorded holder may still run (see alive): a
+// claim that is not a lock on a file (an RBD image's exclusive lock) tells
+// a dead holder from a live one with it.
+func (h *Holder) Alive() bool { return h.alive() }
+
+// Self returns the record of this process as a holder.
+func Self(socket string, shared bool) Holder {
+	host, _ := os.Hostname()
+	return Holder{Program: filepath.Base(os.Args[0]), PID: os.Getpid(), Host: host,
+		Socket: socket, Shared: shared, ProcStart: procStart(os.Getpid()), Since: time.Now()}
 }

@@ -1,13 +1,16 @@
 package storage
 
-import "fmt"
+import (
+	"fmt"
+	"sync/atomic"
+)
 
 // Section is a window of a File: offset 0 of the section is offset base of
 // the file. An encrypted volume's data area is a section past its header.
 type Section struct {
 	f    *File
 	base int64
-	size int64
+	size atomic.Int64 // grows with Grow (grow.go)
 }
 
 // NewSection returns the window [base, base+size) of f.
@@ -15,11 +18,13 @@ func NewSection(f *File, base, size int64) (*Section, error) {
 	if base < 0 || size <= 0 || base+size < base || base+size > f.Size() {
 		return nil, fmt.Errorf("section %d+%d of %s (%d bytes): out of range", base, size, f.Path(), f.Size())
 	}
-	return &Section{f: f, base: base, size: size}, nil
+	s := &Section{f: f, base: base}
+	s.size.Store(size)
+	return s, nil
 }
 
 // Size returns the section's size.
-func (s *Section) Size() int64 { return s.size }
+func (s *Section) Size() int64 { return s.size.Load() }
 
 // ReadAtv reads bufs at off within the section.
 func (s *Section) ReadAtv(bufs [][]byte, off int64) (int, error) {

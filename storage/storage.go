@@ -33,8 +33,8 @@ var ErrDiscardOff = errors.New("discard is not enabled for this volume")
 type File struct {
 	f       *os.File
 	fd      int
-	dfd     int // O_DIRECT fd or -1
-	size    int64
+	dfd     int          // O_DIRECT fd or -1
+	size    atomic.Int64 // grows with Grow (grow.go)
 	blockDv bool
 	opts    Options
 	path    string
@@ -65,7 +65,7 @@ func Open(path string, opts Options) (*File, error) {
 	s := &File{f: f, fd: int(f.Fd()), dfd: -1, opts: opts, path: path}
 	switch {
 	case st.Mode().IsRegular():
-		s.size = st.Size()
+		s.size.Store(st.Size())
 	case st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0:
 		s.blockDv = true
 		var sz uint64
@@ -73,7 +73,7 @@ func Open(path string, opts Options) (*File, error) {
 			f.Close()
 			return nil, fmt.Errorf("open backing store %s: size of block device: %w", path, e)
 		}
-		s.size = int64(sz)
+		s.size.Store(int64(sz))
 	default:
 		f.Close()
 		return nil, fmt.Errorf("open backing store %s: not a regular file or block device", path)
@@ -90,7 +90,7 @@ func Open(path string, opts Options) (*File, error) {
 }
 
 // Size returns the size in bytes.
-func (s *File) Size() int64 { return s.size }
+func (s *File) Size() int64 { return s.size.Load() }
 
 // Path returns the path the store was opened from.
 func (s *File) Path() string { return s.path }

@@ -57,6 +57,16 @@ const (
 	ReqGetStatus           Request = 40 // virtio device status
 )
 
+// BackendRequest is a request the back-end sends the front-end on the
+// back-end channel (SET_BACKEND_REQ_FD), numbered as in vhost-user.rst.
+type BackendRequest uint32
+
+// Back-end request codes.
+const (
+	BackendIotlbMsg     BackendRequest = 1 // IOMMU
+	BackendConfigChange BackendRequest = 2 // the device's config space changed: read it again
+)
+
 var reqNames = map[Request]string{
 	ReqGetFeatures: "GET_FEATURES", ReqSetFeatures: "SET_FEATURES", ReqSetOwner: "SET_OWNER",
 	ReqResetOwner: "RESET_OWNER", ReqSetMemTable: "SET_MEM_TABLE", ReqSetLogBase: "SET_LOG_BASE",
@@ -112,6 +122,7 @@ const (
 	ProtoMQ                = 1 << 0
 	ProtoLogShmfd          = 1 << 1
 	ProtoReplyAck          = 1 << 3
+	ProtoBackendReq        = 1 << 5 // QEMU 7.2 calls it SLAVE_REQ
 	ProtoConfig            = 1 << 9
 	ProtoInflightShmfd     = 1 << 12
 	ProtoResetDevice       = 1 << 13
@@ -210,6 +221,7 @@ var rules = map[Request]rule{
 	ReqSetLogFd:            {size: 0, variable: true, maxFds: 1},
 	ReqGetInflightFd:       {size: inflightMinMsg, variable: true},
 	ReqSetInflightFd:       {size: inflightMinMsg, variable: true, minFds: 1, maxFds: 1},
+	ReqSetBackendReqFd:     {size: 0, minFds: 1, maxFds: 1},
 }
 
 // check validates a message's size and fd count against its request's rule.

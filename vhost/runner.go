@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 
+	"github.com/hemd/hemd/hem/shield"
 	"github.com/hemd/hemd/vhost/virtq"
 	"golang.org/x/sys/unix"
 )
@@ -48,7 +49,7 @@ func startRunner(q *virtq.Queue, h Handler, io ringIO, log *slog.Logger, fatal f
 		defer close(r.done)
 		var err error
 		where := fmt.Sprintf("queue %d", io.idx)
-		shielded(func() {
+		shield.Run(func() {
 			err = guarded(where, func() error { return r.loop(q, h, &io) })
 			if c, ok := h.(interface{ Close() error }); ok {
 				// A fault leaves the handler between requests or after

@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/hemd/hemd/hem/shield"
 	"github.com/hemd/hemd/vhost/guestmem"
 	"github.com/hemd/hemd/vhost/virtq"
 	"golang.org/x/sys/unix"
@@ -61,6 +62,14 @@ type HandOffer interface {
 	HandOff()
 }
 
+// Interrupter is a Device whose handlers may wait for something other than
+// I/O (a throttled queue waits for its tokens): Interrupt(i) is called right
+// before queue i's goroutine is asked to stop, so that a handler waiting
+// ends its wait and the stop is not held up by it.
+type Interrupter interface {
+	Interrupt(queue int)
+}
+
 // Handler serves the requests of one queue.
 type Handler interface {
 	// Handle serves one chain and returns how many bytes it wrote into it.
@@ -91,6 +100,49 @@ type Server struct {
 	// last (DefaultMessageTimeout if zero); a connection that overruns it
 	// is closed. A connection may idle between messages.
 	MessageTimeout time.Duration
+	// IdleWarn, if set, is how long after Serve starts a socket no
+	// front-end has connected to is logged as such, once, with IdleHint
+	// (who may connect, say): a QEMU that cannot connect (permission
+	// denied) says so only in its own log.
+	IdleWarn time.Duration
+	IdleHint string
+	// OnDisconnect, if set, is called after each front-end session ended.
+	OnDisconnect func()
+
+	mu  sync.Mutex
+	cur *session // the session being served, nil if none
+}
+
+// Connected reports whether a front-end is connected now.
+func (s *Server) Connected() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cur != nil
+}
+
+// NotifyConfigChange tells the connected front-end that the device's config
+// space changed (a volume grew), on the back-end channel, and waits for its
+// answer when REPLY_ACK was negotiated. The error says why the guest could
+// not be told: ErrNoFrontEnd, ErrNoBackendChannel, ErrNotStarted (sent
+// anyway: QEMU drops it), or the channel's failure.
+func (s *Server) NotifyConfigChange(ctx context.Context) error {
+	s.mu.Lock()
+	ss := s.cur
+	s.mu.Unlock()
+	if ss == nil {
+		return ErrNoFrontEnd
+	}
+	if ss.proto.Load()&(ProtoBackendReq|ProtoConfig) != ProtoBackendReq|ProtoConfig {
+		return ErrNoBackendChannel
+	}
+	ack := ss.proto.Load()&ProtoReplyAck != 0
+	if err := ss.backend.send(ctx, BackendConfigChange, ack); err != nil {
+		return err
+	}
+	if !ss.running.Load() {
+		return ErrNotStarted
+	}
+	return nil
 }
 
 // Serve accepts front-ends until ctx is done. A second front-end that connects
@@ -110,6 +162,14 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		<-ctx.Done()
 		ln.Close()
 	}()
+	if s.IdleWarn > 0 {
+		t := time.AfterFunc(s.IdleWarn, func() {
+			if s.Sessions.Load() == 0 && ctx.Err() == nil {
+				log.Warn("no front-end has connected", "since", s.IdleWarn, "access", s.IdleHint)
+			}
+		})
+		defer t.Stop()
+	}
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -144,11 +204,23 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 			sl.Info("front-end connected")
 			ss := newSession(s.Device, uc, sl, s.MessageTimeout)
 			ss.resubmitted = &s.Resubmitted
+			s.mu.Lock()
+			s.cur = ss
+			s.mu.Unlock()
 			err := ss.serve(ctx)
-			if err != nil && ctx.Err() == nil {
+			s.mu.Lock()
+			s.cur = nil
+			s.mu.Unlock()
+			switch {
+			case err != nil && ctx.Err() == nil:
 				sl.Warn("front-end session ended", "err", err)
-			} else {
+			case ctx.Err() != nil:
+				sl.Info("front-end session ended: the volume is detached or hemd stops")
+			default:
 				sl.Info("front-end disconnected")
+			}
+			if s.OnDisconnect != nil {
+				s.OnDisconnect()
 			}
 		}()
 	}
@@ -166,7 +238,7 @@ const handoverWait = 3 * time.Second
 
 // protocolFeatures are the vhost-user protocol features offered.
 const protocolFeatures = ProtoMQ | ProtoLogShmfd | ProtoReplyAck | ProtoConfig |
-	ProtoInflightShmfd | ProtoResetDevice | ProtoConfigureMemSlots
+	ProtoInflightShmfd | ProtoResetDevice | ProtoConfigureMemSlots | ProtoBackendReq
 
 // vring is the back-end's state of one queue.
 type vring struct {
@@ -199,11 +271,17 @@ type session struct {
 
 	owner    bool
 	features uint64
-	proto    uint64
-	mem      *guestmem.Table
-	rings    []*vring
-	started  bool // Device.Start succeeded
-	checked  bool // Checker.Check passed
+	// proto is written by the session goroutine only, and read by
+	// NotifyConfigChange too.
+	proto   atomic.Uint64
+	mem     *guestmem.Table
+	rings   []*vring
+	started bool // Device.Start succeeded
+	// running mirrors started for other goroutines (NotifyConfigChange).
+	running atomic.Bool
+	checked bool // Checker.Check passed
+	// backend is the back-end channel (SET_BACKEND_REQ_FD).
+	backend  *backendChannel
 	fatal    chan error
 	dlog     dirtyLog
 	inflight *inflightArea
@@ -219,6 +297,7 @@ func newSession(dev Device, c *net.UnixConn, log *slog.Logger, whole time.Durati
 		log:     log,
 		offered: dev.Features() | FeatProtocolFeatures | FeatLogAll,
 		fatal:   make(chan error, 1),
+		backend: newBackendChannel(),
 
 		resubmitted: new(atomic.Int64),
 	}
@@ -289,7 +368,7 @@ func (s *session) handle(m *message) error {
 	if reply != nil && err == nil {
 		return s.c.reply(m.Request, reply)
 	}
-	if m.needReply() && s.proto&ProtoReplyAck != 0 && !hasReply(m.Request) {
+	if m.needReply() && s.proto.Load()&ProtoReplyAck != 0 && !hasReply(m.Request) {
 		status := uint64(0)
 		if err != nil {
 			status = 1
@@ -344,7 +423,15 @@ func (s *session) dispatch(m *message) ([]byte, error) {
 		if f&^uint64(protocolFeatures) != 0 {
 			return nil, fmt.Errorf("%w: protocol %#x", ErrFeatures, f&^uint64(protocolFeatures))
 		}
-		s.proto = f
+		s.proto.Store(f)
+		return nil, nil
+	case ReqSetBackendReqFd:
+		// QEMU sends it before SET_OWNER (vhost_user_backend_init).
+		if s.proto.Load()&ProtoBackendReq == 0 {
+			return nil, fmt.Errorf("%w: BACKEND_REQ not negotiated", ErrUnknownRequest)
+		}
+		s.backend.set(m.fds[0])
+		m.fds[0] = -1
 		return nil, nil
 	case ReqSetOwner:
 		s.owner = true
@@ -407,7 +494,7 @@ func (s *session) dispatch(m *message) ([]byte, error) {
 		}
 		return nil, s.swapMem(t, unmap)
 	case ReqSetLogBase:
-		if s.proto&ProtoLogShmfd == 0 {
+		if s.proto.Load()&ProtoLogShmfd == 0 {
 			return nil, fmt.Errorf("%w: LOG_SHMFD not negotiated", ErrUnknownRequest)
 		}
 		size, off := m.u64(), binary.LittleEndian.Uint64(m.payload[8:])
@@ -616,13 +703,14 @@ func (s *session) maybeStart(i int) error {
 	}
 	if !s.started {
 		var err error
-		shielded(func() { err = s.dev.Start(s.ctx, s.features) })
+		shield.Run(func() { err = s.dev.Start(s.ctx, s.features) })
 		if err != nil {
 			// Fail closed: the ring stays stopped and the guest gets no I/O.
 			s.log.Error("device start failed; rings stay stopped", "queue", i, "err", err)
 			return nil
 		}
 		s.started = true
+		s.running.Store(true)
 	}
 	io := ringIO{
 		idx: i, kick: r.kick, call: r.call,
@@ -659,6 +747,9 @@ func (s *session) onFatal(err error) {
 // pause stops ring i's goroutine after its in-flight requests completed.
 func (s *session) pause(i int) {
 	if r := s.rings[i]; r.run != nil {
+		if in, ok := s.dev.(Interrupter); ok {
+			in.Interrupt(i)
+		}
 		r.run.stopAndWait()
 		r.run = nil
 	}
@@ -695,6 +786,7 @@ func (s *session) maybeStopDevice() {
 		}
 	}
 	s.started = false
+	s.running.Store(false)
 	s.dev.Stop()
 	if h, ok := s.dev.(HandOffer); ok && s.features&FeatLogAll != 0 {
 		s.log.Info("rings stopped while dirty logging: migration switchover, volume handed off")
@@ -716,6 +808,7 @@ func (s *session) reset() {
 	}
 	if s.started {
 		s.started = false
+		s.running.Store(false)
 		s.dev.Stop()
 	}
 	s.features = 0
@@ -723,6 +816,7 @@ func (s *session) reset() {
 
 func (s *session) teardown() {
 	s.reset()
+	s.backend.close()
 	s.dlog.close()
 	s.inflight.unmap()
 	s.inflight = nil
@@ -737,7 +831,7 @@ const vringFLog = 1
 
 // getInflight answers GET_INFLIGHT_FD with a new zeroed region.
 func (s *session) getInflight(m *message) error {
-	if s.proto&ProtoInflightShmfd == 0 {
+	if s.proto.Load()&ProtoInflightShmfd == 0 {
 		return fmt.Errorf("%w: INFLIGHT_SHMFD not negotiated", ErrUnknownRequest)
 	}
 	in := m.inflight()
@@ -762,7 +856,7 @@ func (s *session) getInflight(m *message) error {
 // setInflight maps the region the front-end kept (SET_INFLIGHT_FD): after a
 // restart it holds what the previous back-end left in flight.
 func (s *session) setInflight(m *message) error {
-	if s.proto&ProtoInflightShmfd == 0 {
+	if s.proto.Load()&ProtoInflightShmfd == 0 {
 		return fmt.Errorf("%w: INFLIGHT_SHMFD not negotiated", ErrUnknownRequest)
 	}
 	in := m.inflight()

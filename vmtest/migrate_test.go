@@ -28,20 +28,35 @@ func soakScript(seconds, workers int, seed uint64) string {
 // the audit log); a hemd that comes later is refused, naming the
 // destination.
 func TestLiveMigration(t *testing.T) {
-	g := BuildGuest(t)
 	v := newEncVolume(t, "64M")
-	state, vol, volID, h := v.state, v.path, v.id, v.hemd
-	wins := keyWindows(t, state, vol)
-	src := h.Serve(t, vol, 2)
+	liveMigration(t, migration{kmsState: v.state, vol: v.path, volID: v.id, src: v.hemd, dst: v.hemd,
+		wins: keyWindows(t, v.state, v.path)})
+}
+
+// migration is what liveMigration moves: a volume, the hemd of each end
+// (the destination gets --incoming), the state directory whose audit log
+// records the KMS's Decrypts, and the windows of the volume's data key.
+type migration struct {
+	kmsState, vol, volID string
+	src, dst             Hemd
+	wins                 [][]byte
+}
+
+// liveMigration is TestLiveMigration's scenario; it returns both hemds and
+// the destination's VM, still running, for callers that check more.
+func liveMigration(t *testing.T, m migration) (src, dst *Served, dstVM *VM) {
+	g := BuildGuest(t)
+	state, vol, volID, h, wins := m.kmsState, m.vol, m.volID, m.src, m.wins
+	src = h.Serve(t, vol, 2)
 	if out := h.Refused(t, vol); !strings.Contains(out, "pid "+strconv.Itoa(src.Pid())) || !strings.Contains(out, src.Socket) {
 		t.Fatalf("a second hemd on the volume was refused without naming the source (pid %d, %s):\n%s", src.Pid(), src.Socket, out)
 	}
-	dst := h.Incoming().Serve(t, vol, 2)
+	dst = m.dst.Incoming().Serve(t, vol, 2)
 
 	script := soakScript(35, 4, 21)
 	addr := FreeTCPAddr(t)
 	srcVM := Start(t, g, WithDisk(src.Socket, 2), WithMem(256), WithScript(script))
-	dstVM := Start(t, g, WithDisk(dst.Socket, 2), WithMem(256), WithScript(script), WithIncoming("tcp:"+addr))
+	dstVM = Start(t, g, WithDisk(dst.Socket, 2), WithMem(256), WithScript(script), WithIncoming("tcp:"+addr))
 	sq, dq := srcVM.QMPT(), dstVM.QMPT()
 
 	// Migrate once the soak is well under way.
@@ -100,6 +115,7 @@ func TestLiveMigration(t *testing.T) {
 	if found := scanMemory(t, src.Pid(), wins); len(found) > 0 {
 		t.Fatalf("key material in the source hemd's memory after migration:\n%s", strings.Join(found, "\n"))
 	}
+	return src, dst, dstVM
 }
 
 func hasLine(log []string, re string) bool {

@@ -41,6 +41,11 @@ type volumeConfig struct {
 	// Incoming: the destination of a live migration; the volume is taken
 	// when the source hemd hands it off at switchover.
 	Incoming bool `toml:"incoming"`
+	// Performance limits and socket access (volume_settings.go).
+	volumeExtra
+	// How a volume on Ceph RBD (path rbd:POOL/IMAGE) reaches its cluster
+	// (ceph.go).
+	cephSettings
 }
 
 func loadConfig(path string) (*fileConfig, error) {
@@ -99,7 +104,7 @@ func (v *volumeConfig) fill() error {
 	if v.ID == "" {
 		v.ID = defaultVolumeID(v.Path)
 	}
-	return nil
+	return v.volumeExtra.check()
 }
 
 // defaultVolumeID derives a stable id in the EBS form (vol- and 17 hex

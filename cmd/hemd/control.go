@@ -10,8 +10,8 @@ package main
 // client that closes the connection before the answer cancels the
 // operation (hemd snapshot create interrupted by ^C leaves no snapshot);
 // shutting down only its sending side does not.
-// Each op is one handler in a map, so that more ops (attach, detach,
-// resize) are one entry each.
+// Each op is one handler in a map: snapshot (snapshot_online.go); attach,
+// detach, resize, modify and status (control_ops.go).
 
 import (
 	"bytes"
@@ -70,6 +70,9 @@ const (
 	codeNotServed  = "NotServed"  // this hemd does not serve the volume named
 	codeBadRequest = "BadRequest" // the request is malformed
 	codeFailed     = "Failed"     // the operation failed
+	codeInUse      = "InUse"      // the volume's front-end is connected (detach without force)
+	codeBusy       = "Busy"       // an operation on the volume is in progress
+	codeExists     = "Exists"     // the volume or its socket is served already
 )
 
 // controlError is an error with the code the answer carries.

@@ -2,10 +2,12 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -28,15 +30,21 @@ type kmsSettings struct {
 	UnixUIDs []int `toml:"unix_uids"`
 }
 
-// kmsCommand runs `hemd kms serve --listen ADDR [--config FILE]`.
+const kmsUsage = "usage: hemd kms serve --listen HOST:PORT|unix:PATH [--config FILE] [--tls-cert FILE --tls-key FILE [--client-ca FILE]]"
+
+// kmsCommand runs `hemd kms serve --listen ADDR [--config FILE] [TLS]`.
 func kmsCommand(ctx context.Context, g globalFlags, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 || args[0] != "serve" {
-		return errors.New("usage: hemd kms serve --listen HOST:PORT|unix:PATH [--config FILE]")
+		return errors.New(kmsUsage)
 	}
 	fs := flag.NewFlagSet("kms serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	listen := fs.String("listen", "127.0.0.1:7788", "TCP address or unix:PATH")
 	cfgPath := fs.String("config", "", "config file with [kms] and its [[kms.principal]] entries")
+	tlsCert := fs.String("tls-cert", "", "serve TLS 1.3 with this certificate (PEM; with --tls-key)")
+	tlsKey := fs.String("tls-key", "", "the certificate's private key (PEM)")
+	clientCA := fs.String("client-ca", "", "require client certificates from these CAs (PEM): mutual TLS, "+
+		"a certificate's name must be the principal that signs")
 	if err := parse(fs, args[1:], 0, "no arguments"); err != nil {
 		return err
 	}
@@ -64,8 +72,17 @@ func kmsCommand(ctx context.Context, g globalFlags, args []string, stdout, stder
 		return err
 	}
 	defer k.Close()
+	var tc *tls.Config
+	if *tlsCert != "" || *tlsKey != "" || *clientCA != "" {
+		if tc, err = awsjson.TLSServer(*tlsCert, *tlsKey, *clientCA); err != nil {
+			return err
+		}
+	}
 	var ln net.Listener
 	if path, ok := strings.CutPrefix(*listen, "unix:"); ok {
+		if tc != nil {
+			return errors.New("kms serve: TLS is for TCP; a unix socket's callers are known by their uid")
+		}
 		os.Remove(path)
 		ln, err = net.Listen("unix", path)
 		if err == nil {
@@ -75,10 +92,20 @@ func kmsCommand(ctx context.Context, g globalFlags, args []string, stdout, stder
 		if len(settings.Principals) == 0 {
 			return errors.New("kms serve: no [[kms.principal]] in the config: nobody could call over TCP")
 		}
+		if tc == nil && !loopbackListen(*listen) {
+			if !settings.InsecureHTTP {
+				return fmt.Errorf("kms serve: --listen %s without TLS: give --tls-cert and --tls-key, or set [kms] insecure_http = true", *listen)
+			}
+			g.Log.Warn("kms serve: plain HTTP on a network address (insecure_http): requests, and the plaintext of Decrypts without a Recipient, cross the network unencrypted",
+				"listen", *listen)
+		}
 		ln, err = net.Listen("tcp", *listen)
 	}
 	if err != nil {
 		return fmt.Errorf("kms serve: %w", err)
+	}
+	if tc != nil {
+		ln = tls.NewListener(ln, tc)
 	}
 	// Requests are signed for the region the keys' ARNs name ([kms] region,
 	// HEMD_KMS_REGION, default "local").
@@ -87,9 +114,13 @@ func kmsCommand(ctx context.Context, g globalFlags, args []string, stdout, stder
 		Handler:           handler,
 		ConnContext:       awsjson.ConnContext,
 		ReadHeaderTimeout: 10 * time.Second,
+		// HTTP/1.1 only: the way responses with plaintext are written
+		// relies on it (awsjson/secret.go).
+		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
+		ErrorLog:     slog.NewLogLogger(g.Log.Handler(), slog.LevelWarn),
 	}
 	g.Log.Info("kms serving", "listen", *listen, "region", handler.SigningRegion(), "principals", len(settings.Principals),
-		"state_dir", g.StateDir)
+		"state_dir", g.StateDir, "tls", tc != nil, "mutual_tls", tc != nil && tc.ClientCAs != nil)
 	go func() {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -100,6 +131,19 @@ func kmsCommand(ctx context.Context, g globalFlags, args []string, stdout, stder
 		return fmt.Errorf("kms serve: %w", err)
 	}
 	return nil
+}
+
+// loopbackListen reports whether a listen address is on loopback only.
+func loopbackListen(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // checkPrincipals refuses [[kms.principal]] entries that could never sign a

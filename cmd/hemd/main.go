@@ -6,12 +6,14 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 )
 
@@ -64,8 +66,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			g.StateDir, args = args[1], args[2:]
 		case len(args[0]) > len("--state-dir=") && args[0][:len("--state-dir=")] == "--state-dir=":
 			g.StateDir, args = args[0][len("--state-dir="):], args[1:]
-		case args[0] == "-h" || args[0] == "--help":
+		case isHelpFlag(args[0]):
 			fmt.Fprint(stdout, usage)
+			fmt.Fprintln(stdout, docsLine(""))
 			return nil
 		default:
 			return fmt.Errorf("unknown flag %q\n%s", args[0], usage)
@@ -83,6 +86,32 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		g.Log.Debug("process is non-dumpable: no core dump, no ptrace without CAP_SYS_PTRACE")
 	}
+	if cmd == "help" || !helpAsked(rest) {
+		return dispatch(ctx, g, cmd, rest, stdout, stderr)
+	}
+	// hemd COMMAND --help: the command's own usage, then the page that
+	// explains it. A command of subcommands says its usage when given none.
+	bare := subcommands[cmd] && isHelpFlag(rest[0])
+	if bare {
+		rest = nil
+	}
+	err := dispatch(ctx, g, cmd, rest, stdout, stderr)
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
+		err = nil
+	case bare:
+		if msg := err.Error(); strings.HasPrefix(msg, "usage:") {
+			fmt.Fprintln(stderr, msg)
+		}
+		err = nil
+	}
+	// stderr: where the flag package prints a command's usage.
+	fmt.Fprintln(stderr, docsLine(docsPage(cmd, rest)))
+	return err
+}
+
+// dispatch runs one command.
+func dispatch(ctx context.Context, g globalFlags, cmd string, rest []string, stdout, stderr io.Writer) error {
 	switch cmd {
 	case "serve":
 		return serveCommand(ctx, g, rest, stdout, stderr)
@@ -103,10 +132,80 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return nil
 	case "help":
 		fmt.Fprint(stdout, usage)
+		fmt.Fprintln(stdout, docsLine(""))
 		return nil
 	}
 	return fmt.Errorf("unknown command %q\n%s", cmd, usage)
 }
+
+// docPages names the page of hemd's documentation that explains each
+// command, relative to the source tree: hemd --help and hemd COMMAND --help
+// end with it. A subcommand ("volume import") may have a page of its own;
+// else its command's page is named. The test checks that every command of
+// usage has one and that each page and heading exists.
+var docPages = map[string]string{
+	"":               "README.md",
+	"help":           "README.md",
+	"version":        "README.md",
+	"serve":          "docs/operations.md#running-hemd-serve",
+	"status":         "docs/operations.md#hemd-status",
+	"volume":         "docs/operations.md#volumes-keys-and-snapshots",
+	"volume inspect": "docs/volume-format.md",
+	"volume import":  "docs/volume-states.md#import-checkpoints-and---resume",
+	"volume attach":  "docs/operations-volumes.md#attach-and-detach-hot-plug",
+	"volume detach":  "docs/operations-volumes.md#attach-and-detach-hot-plug",
+	"volume resize":  "docs/operations-volumes.md#grow-online",
+	"volume modify":  "docs/operations-volumes.md#provisioned-performance",
+	"snapshot":       "docs/snapshots.md",
+	"key":            "docs/kms.md#the-embedded-kms-and-hemd-key",
+	"kms":            "docs/kms.md",
+	"bench":          "docs/performance.md#hemd-bench",
+}
+
+// subcommands are the commands whose first argument is a subcommand.
+var subcommands = map[string]bool{"volume": true, "snapshot": true, "key": true, "kms": true}
+
+// docsHome is where the source tree, and with it the documentation, is
+// published (as the systemd unit's Documentation= says).
+const docsHome = "https://github.com/hemd/hemd/blob/main/"
+
+// docsPage is the page for cmd with args (its subcommand first).
+func docsPage(cmd string, args []string) string {
+	if len(args) > 0 {
+		if p, ok := docPages[cmd+" "+args[0]]; ok {
+			return p
+		}
+	}
+	if p, ok := docPages[cmd]; ok {
+		return p
+	}
+	return docPages[""]
+}
+
+// docsLine is the last line of a help text: the page that explains it (its
+// path in the source tree is the end of the address).
+func docsLine(page string) string {
+	if page == "" {
+		page = docPages[""]
+	}
+	return "Documentation: " + docsHome + page
+}
+
+// helpAsked reports whether -h or --help is among a command's arguments
+// (before a "--").
+func helpAsked(args []string) bool {
+	for _, a := range args {
+		if a == "--" {
+			return false
+		}
+		if isHelpFlag(a) {
+			return true
+		}
+	}
+	return false
+}
+
+func isHelpFlag(a string) bool { return a == "-h" || a == "--help" || a == "-help" }
 
 var version = "dev"
 

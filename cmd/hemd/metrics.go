@@ -23,13 +23,14 @@ import (
 // monitor exposes what hemd serves: Prometheus metrics on /metrics and the
 // state of every volume as JSON on /status (what hemd status prints).
 type monitor struct {
-	reg  *prometheus.Registry
-	kms  *prometheus.HistogramVec
-	vols []*served
+	reg *prometheus.Registry
+	kms *prometheus.HistogramVec
+	// vols returns the volumes served now (they come and go).
+	vols func() []*served
 }
 
 func newMonitor() *monitor {
-	m := &monitor{reg: prometheus.NewRegistry()}
+	m := &monitor{reg: prometheus.NewRegistry(), vols: func() []*served { return nil }}
 	m.kms = prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Name:    "hemd_kms_request_duration_seconds",
 		Help:    "KMS calls made by hemd (Decrypt at attach, DescribeKey at connect), by operation and outcome.",
@@ -101,6 +102,18 @@ var (
 	descLatency = prometheus.NewDesc("hemd_request_duration_seconds",
 		"Time hemd took per request, from the ring to the status, by queue and class (read, write, other).",
 		[]string{"volume", "queue", "class"}, nil)
+	descConnected = prometheus.NewDesc("hemd_volume_connected", "1 while a front-end is connected, else 0.", []string{"volume"}, nil)
+	descLimit     = prometheus.NewDesc("hemd_volume_limit",
+		"Provisioned performance in force: iops (requests/s), throughput (bytes/s), iops_burst (requests), throughput_burst (bytes); absent: unlimited.",
+		[]string{"volume", "kind"}, nil)
+	descThrottled = prometheus.NewDesc("hemd_volume_throttled_seconds_total",
+		"Time the volume's requests waited for their IOPS or throughput tokens, summed over requests.", []string{"volume"}, nil)
+	descThrottledReqs = prometheus.NewDesc("hemd_volume_throttled_requests_total",
+		"Requests that waited for IOPS or throughput tokens.", []string{"volume"}, nil)
+	descResizePending = prometheus.NewDesc("hemd_volume_resize_pending",
+		"1 while the connected guest was not told of the last resize (it sees the new size when its disk is set up anew), else 0.", []string{"volume"}, nil)
+	descDetachPending = prometheus.NewDesc("hemd_volume_detach_pending",
+		"1 while the volume, gone from the config, waits for its front-end to disconnect before it is detached, else 0.", []string{"volume"}, nil)
 )
 
 // volumeCollector reads the served volumes' counters at scrape time: the
@@ -109,7 +122,8 @@ type volumeCollector struct{ m *monitor }
 
 func (volumeCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descInfo, descAttached, descSize, descSessions, descResub,
-		descRequests, descBytes, descErrors, descLatency} {
+		descRequests, descBytes, descErrors, descLatency, descConnected, descLimit, descThrottled, descThrottledReqs,
+		descResizePending, descDetachPending} {
 		ch <- d
 	}
 }
@@ -121,11 +135,32 @@ func (c volumeCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
 	}
-	for _, s := range c.m.vols {
+	b2f := func(b bool) float64 {
+		if b {
+			return 1
+		}
+		return 0
+	}
+	for _, s := range c.m.vols() {
 		id := s.cfg.ID
 		st := s.status()
 		gauge(descInfo, 1, id, s.cfg.Socket, s.cfg.Path, st.Key, strconv.FormatBool(st.Encrypted), st.IO)
 		gauge(descSize, float64(st.SizeBytes), id)
+		gauge(descConnected, b2f(st.Connected), id)
+		l := s.dev.Limits()
+		for _, k := range []struct {
+			kind string
+			v    uint64
+		}{{"iops", l.IOPS}, {"throughput", l.BPS}, {"iops_burst", l.IOPSBurst}, {"throughput_burst", l.BPSBurst}} {
+			if k.v != 0 {
+				gauge(descLimit, float64(k.v), id, k.kind)
+			}
+		}
+		waited, waits := s.dev.Throttled()
+		ch <- prometheus.MustNewConstMetric(descThrottled, prometheus.CounterValue, waited.Seconds(), id)
+		counter(descThrottledReqs, waits, id)
+		gauge(descResizePending, b2f(st.ResizePending != ""), id)
+		gauge(descDetachPending, b2f(st.DetachPending), id)
 		if st.Encrypted {
 			v := 0.0
 			if st.Attached {
@@ -190,13 +225,41 @@ type volumeStatus struct {
 	Reads       uint64 `json:"reads"`
 	Writes      uint64 `json:"writes"`
 	Errors      uint64 `json:"errors"`
+	// Connected: a front-end is connected now.
+	Connected bool `json:"connected"`
+	// Origin: "config" (the config file) or "attach" (hemd volume attach).
+	Origin string `json:"origin,omitempty"`
+	// Access: the socket's mode, owner and group.
+	Access string `json:"access,omitempty"`
+	// Limits in force; 0: unlimited. Throughput in MB/s, its burst in MB.
+	IOPS            uint64  `json:"iops"`
+	Throughput      float64 `json:"throughput"`
+	IOPSBurst       uint64  `json:"iops_burst,omitempty"`
+	ThroughputBurst float64 `json:"throughput_burst,omitempty"`
+	// ThrottledSeconds: time requests waited for tokens, summed;
+	// ThrottledRequests: requests that waited.
+	ThrottledSeconds  float64 `json:"throttled_seconds"`
+	ThrottledRequests uint64  `json:"throttled_requests"`
+	// ResizePending says why the connected guest was not told of the last
+	// resize; DetachPending: the config no longer has the volume, which is
+	// detached once its front-end disconnects.
+	ResizePending string `json:"resize_pending,omitempty"`
+	DetachPending bool   `json:"detach_pending,omitempty"`
 }
 
 func (s *served) status() volumeStatus {
 	st := volumeStatus{
 		Volume: s.cfg.ID, Socket: s.cfg.Socket, Path: s.cfg.Path, IO: s.io, SizeBytes: int64(s.dev.Capacity()),
 		Sessions: s.srv.Sessions.Load(), Resubmitted: s.srv.Resubmitted.Load(),
+		Connected: s.srv.Connected(), Origin: s.origin, ResizePending: s.pending(), DetachPending: s.detachPending.Load(),
 	}
+	if s.ln != nil {
+		st.Access = s.ln.Access()
+	}
+	l := limitsOf(s)
+	st.IOPS, st.Throughput, st.IOPSBurst, st.ThroughputBurst = l.IOPS, l.Throughput, l.IOPSBurst, l.ThroughputBurst
+	waited, waits := s.dev.Throttled()
+	st.ThrottledSeconds, st.ThrottledRequests = waited.Seconds(), waits
 	if s.keys != nil {
 		st.Encrypted, st.Key = true, s.keys.head.KeyID
 		st.Attached = s.keys.key.State() == datakey.Attached
@@ -215,8 +278,9 @@ func (m *monitor) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/status", func(w http.ResponseWriter, r *http.Request) {
-		out := make([]volumeStatus, 0, len(m.vols))
-		for _, s := range m.vols {
+		vols := m.vols()
+		out := make([]volumeStatus, 0, len(vols))
+		for _, s := range vols {
 			out = append(out, s.status())
 		}
 		w.Header().Set("Content-Type", "application/json")

@@ -56,7 +56,7 @@ type snapshotAnswer struct {
 // no control socket). A default path another hemd serves is passed over
 // with a warning (that hemd keeps it); a configured one is an error. stop
 // ends the operations in progress and waits for them.
-func serveControl(ctx context.Context, log *slog.Logger, path string, all []*served) (stop func(), err error) {
+func serveControl(ctx context.Context, log *slog.Logger, path string, vs *volumeSet) (stop func(), err error) {
 	path, explicit := controlPath(path)
 	if path == controlNone {
 		return func() {}, nil
@@ -75,8 +75,9 @@ func serveControl(ctx context.Context, log *slog.Logger, path string, all []*ser
 		if err := decodeRequest(raw, &req); err != nil {
 			return nil, err
 		}
-		return snapshotServed(ctx, log, all, req)
+		return snapshotServed(ctx, log, vs.list(), req)
 	})
+	vs.handleOps(srv)
 	log.Info("control socket", "socket", path)
 	cctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})

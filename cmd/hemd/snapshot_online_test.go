@@ -447,7 +447,7 @@ func TestSnapshotControlErrorsAndOffline(t *testing.T) {
 	}
 	for _, c := range []struct{ req, code, want string }{
 		{`{"op":"snapshot"`, codeBadRequest, "read request"},
-		{`{"op":"resize"}`, codeBadRequest, `unknown op "resize"`},
+		{`{"op":"defragment"}`, codeBadRequest, `unknown op "defragment"`},
 		{`{"op":"snapshot","volume":"` + vol + `","target":"` + dir + `/x","color":"red"}`, codeBadRequest, "unknown field"},
 		{`{"op":"snapshot","target":"` + dir + `/x"}`, codeBadRequest, "no volume"},
 		{`{"op":"snapshot","volume":"` + vol + `","target":"rel.img"}`, codeBadRequest, "not an absolute path"},

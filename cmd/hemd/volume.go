@@ -13,25 +13,43 @@ import (
 	"time"
 
 	"github.com/hemd/hemd/hem/volume"
+	"github.com/hemd/hemd/storage/rbd"
 )
 
 // volumeCommand runs `hemd volume create|inspect|import|export`.
 func volumeCommand(ctx context.Context, g globalFlags, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
-		return errors.New("usage: hemd volume create|inspect|import|export ...")
+		return errors.New("usage: hemd volume create|inspect|import|export|attach|detach|resize|modify ...")
 	}
 	sub, args := args[0], args[1:]
+	if op, ok := volumeOps[sub]; ok { // volume_ops.go: through a running hemd serve
+		return op(ctx, g, args, stdout, stderr)
+	}
 	fs := flag.NewFlagSet("volume "+sub, flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	// A volume is a file, or an RBD image (rbd:POOL/IMAGE) on the cluster
+	// these say how to reach.
+	var ceph cephSettings
+	ceph.flags(fs)
 	switch sub {
 	case "create":
 		size := fs.String("size", "", "volume size (e.g. 10G); default: the snapshot's size")
 		key := fs.String("key", "", "KMS key id, ARN or alias (default: the default key)")
 		bs := fs.Uint("block-size", 512, "logical block size, 512 or 4096")
-		snap := fs.String("snapshot", "", "snapshot file to start from (shares its data key)")
+		snap := fs.String("snapshot", "", "snapshot to start from (shares its data key): a file, or rbd:POOL/IMAGE@snap-… (an RBD volume is then a clone: no data copied)")
 		id := fs.String("id", "", "volume id (default: a new vol- id)")
 		if err := parse(fs, args, 1, "PATH"); err != nil {
 			return err
+		}
+		loc, err := locate(fs.Arg(0), ceph)
+		if err != nil {
+			return fmt.Errorf("volume create: %w", err)
+		}
+		var parent volume.Location
+		if *snap != "" {
+			if parent, err = locate(*snap, ceph); err != nil {
+				return fmt.Errorf("volume create: --snapshot: %w", err)
+			}
 		}
 		var n int
 		if *size != "" {
@@ -53,8 +71,8 @@ func volumeCommand(ctx context.Context, g globalFlags, args []string, stdout, st
 				return fmt.Errorf("volume create: %w", err)
 			}
 		}
-		v, err := volume.Create(ctx, kms, fs.Arg(0), volume.CreateOptions{
-			ID: *id, Size: uint64(n), BlockSize: uint32(*bs), KeyID: keyID, Parent: *snap})
+		v, err := volume.CreateAt(ctx, kms, loc, volume.CreateOptions{
+			ID: *id, Size: uint64(n), BlockSize: uint32(*bs), KeyID: keyID, ParentAt: parent})
 		if err != nil {
 			return interrupted(ctx, err, "volume create: interrupted: "+fs.Arg(0)+" was not made")
 		}
@@ -67,7 +85,11 @@ func volumeCommand(ctx context.Context, g globalFlags, args []string, stdout, st
 		if err := parse(fs, args, 1, "PATH"); err != nil {
 			return err
 		}
-		v, err := volume.Open(fs.Arg(0), true)
+		loc, err := locate(fs.Arg(0), ceph)
+		if err != nil {
+			return fmt.Errorf("volume inspect: %w", err)
+		}
+		v, err := volume.OpenAt(loc, true)
 		if err != nil {
 			return err
 		}
@@ -87,9 +109,13 @@ func volumeCommand(ctx context.Context, g globalFlags, args []string, stdout, st
 		if err != nil {
 			return fmt.Errorf("volume import: --checkpoint: %w", err)
 		}
+		loc, err := locate(path, ceph)
+		if err != nil {
+			return fmt.Errorf("volume import: %w", err)
+		}
 		var v *volume.Volume
 		if *resume {
-			if v, err = volume.Open(path, false); err != nil {
+			if v, err = volume.OpenAt(loc, false); err != nil {
 				return fmt.Errorf("volume import --resume: %w", err)
 			}
 			defer v.Close()
@@ -119,7 +145,7 @@ func volumeCommand(ctx context.Context, g globalFlags, args []string, stdout, st
 		}
 		defer closeKMS()
 		if v == nil {
-			if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+			if v, err = volume.OpenAt(loc, false); errors.Is(err, os.ErrNotExist) {
 				// A new volume the size of the image (rounded up to a block),
 				// creating until the import is done.
 				keyID := *key
@@ -130,11 +156,11 @@ func volumeCommand(ctx context.Context, g globalFlags, args []string, stdout, st
 				}
 				size := (uint64(st.Size()) + uint64(*bs) - 1) / uint64(*bs) * uint64(*bs)
 				pending := &volume.Operation{Kind: volume.OpImport, Source: source, SourceSize: uint64(st.Size())}
-				if v, err = volume.Create(ctx, kms, path, volume.CreateOptions{Size: size, BlockSize: uint32(*bs), KeyID: keyID, Pending: pending}); err != nil {
+				if v, err = volume.CreateAt(ctx, kms, loc, volume.CreateOptions{Size: size, BlockSize: uint32(*bs), KeyID: keyID, Pending: pending}); err != nil {
 					return err
 				}
 				g.Log.Info("volume created", "volume", v.Head.VolumeID, "key", v.Head.KeyID, "path", path, "state", v.Head.State)
-			} else if v, err = volume.Open(path, false); err != nil {
+			} else if err != nil {
 				return err
 			}
 			defer v.Close()
@@ -162,7 +188,11 @@ func volumeCommand(ctx context.Context, g globalFlags, args []string, stdout, st
 		if *to == "" {
 			return errors.New("volume export: --to is required")
 		}
-		v, err := volume.Open(fs.Arg(0), true)
+		loc, err := locate(fs.Arg(0), ceph)
+		if err != nil {
+			return fmt.Errorf("volume export: %w", err)
+		}
+		v, err := volume.OpenAt(loc, true)
 		if err != nil {
 			return err
 		}
@@ -195,15 +225,20 @@ func interrupted(ctx context.Context, err error, msg string) error {
 // snapshotCommand runs `hemd snapshot create|copy`.
 func snapshotCommand(ctx context.Context, g globalFlags, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
-		return errors.New("usage: hemd snapshot create VOLUME SNAPSHOT | hemd snapshot copy [--key KEY] SRC DST")
+		return errors.New("usage: hemd snapshot create VOLUME SNAPSHOT | hemd snapshot create rbd:POOL/IMAGE [SNAPSHOT-ID] | hemd snapshot copy [--key KEY] SRC DST")
 	}
 	sub, args := args[0], args[1:]
 	fs := flag.NewFlagSet("snapshot "+sub, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	id := fs.String("id", "", "snapshot id (default: a new snap- id)")
+	var ceph cephSettings
+	ceph.flags(fs)
 	switch sub {
 	case "create":
 		control := fs.String("control", "", "control socket of the hemd serving VOLUME (default $HEMD_CONTROL, else "+defaultControlPath()+"): a served volume is snapshotted there, point in time")
+		if len(args) > 0 && isRBD(args[0]) {
+			return snapshotRBD(ctx, g, fs, ceph, args, *id, stdout)
+		}
 		if err := parse(fs, args, 2, "VOLUME SNAPSHOT"); err != nil {
 			return err
 		}
@@ -230,7 +265,15 @@ func snapshotCommand(ctx context.Context, g globalFlags, args []string, stdout, 
 		if err := parse(fs, args, 2, "SRC DST"); err != nil {
 			return err
 		}
-		v, err := volume.Open(fs.Arg(0), true)
+		src, err := locate(fs.Arg(0), ceph)
+		if err != nil {
+			return fmt.Errorf("snapshot copy: %w", err)
+		}
+		dst, err := locate(fs.Arg(1), ceph)
+		if err != nil {
+			return fmt.Errorf("snapshot copy: %w", err)
+		}
+		v, err := volume.OpenAt(src, true)
 		if err != nil {
 			return err
 		}
@@ -240,16 +283,61 @@ func snapshotCommand(ctx context.Context, g globalFlags, args []string, stdout, 
 			return fmt.Errorf("snapshot copy: %w", err)
 		}
 		defer closeKMS()
-		s, err := v.CopySnapshot(ctx, kms, fs.Arg(1), *key, *id)
+		bar := newProgressBar(stderr, "copy")
+		s, err := v.CopySnapshotTo(ctx, kms, dst, *key, *id, bar.update)
+		bar.done()
 		if err != nil {
 			return interrupted(ctx, err, "snapshot copy: interrupted: "+fs.Arg(1)+" was not made")
 		}
-		defer s.Close()
-		g.Log.Info("snapshot copied", "snapshot", s.Head.VolumeID, "from", v.Head.VolumeID, "key", s.Head.KeyID)
-		fmt.Fprintln(stdout, s.Head.VolumeID)
+		s.Close()
+		// On RBD the copy gets an RBD snapshot of its id, to clone volumes
+		// from: it is named rbd:POOL/IMAGE@snap-….
+		name, err := rbdSnapshotCopy(dst, s.Head.VolumeID)
+		if err != nil {
+			return fmt.Errorf("snapshot copy: %s holds snapshot %s, but: %w", fs.Arg(1), s.Head.VolumeID, err)
+		}
+		g.Log.Info("snapshot copied", "snapshot", s.Head.VolumeID, "from", v.Head.VolumeID, "key", s.Head.KeyID, "to", name)
+		if isRBD(fs.Arg(1)) {
+			fmt.Fprintln(stdout, name) // what volume create --snapshot takes
+		} else {
+			fmt.Fprintln(stdout, s.Head.VolumeID)
+		}
 		return nil
 	}
 	return fmt.Errorf("snapshot: unknown subcommand %q", sub)
+}
+
+// snapshotRBD runs hemd snapshot create rbd:POOL/IMAGE [SNAPSHOT]: an RBD
+// snapshot named by the snapshot id (SNAPSHOT: rbd:POOL/IMAGE@snap-… or
+// snap-…; default --id or a new id), point in time whether a hemd serves
+// the volume or not, no data copied. It prints the snapshot's name,
+// rbd:POOL/IMAGE@snap-…, what volume create --snapshot takes.
+func snapshotRBD(ctx context.Context, g globalFlags, fs *flag.FlagSet, ceph cephSettings, args []string, idFlag string, stdout io.Writer) error {
+	target := ""
+	if err := parse(fs, args, 1, "rbd:POOL/IMAGE"); err != nil {
+		if err2 := parse(fs, args, 2, "rbd:POOL/IMAGE [SNAPSHOT]"); err2 != nil {
+			return err2
+		}
+		target = fs.Arg(1)
+	}
+	n, err := rbd.ParseName(fs.Arg(0))
+	if err != nil {
+		return fmt.Errorf("snapshot create: %w", err)
+	}
+	if n.Snap != "" {
+		return fmt.Errorf("snapshot create: %s is a snapshot already", n)
+	}
+	snapID, err := rbdTarget(n, target, idFlag)
+	if err != nil {
+		return fmt.Errorf("snapshot create: %w", err)
+	}
+	sn, h, err := rbdSnapshot(ctx, n, ceph.cluster(), snapID)
+	if err != nil {
+		return fmt.Errorf("snapshot create: %w", err)
+	}
+	g.Log.Info("snapshot created", "snapshot", snapID, "volume", h.VolumeID, "name", sn.String(), "key", h.KeyID)
+	fmt.Fprintln(stdout, sn.String())
+	return nil
 }
 
 // parse parses flags anywhere among the arguments (hemd volume export PATH

@@ -71,8 +71,11 @@ func (k *Key) State() State {
 
 // lockedPage maps one anonymous page, locks it in RAM and keeps it out of
 // core dumps and forked children.
-func lockedPage() ([]byte, error) {
-	p, err := unix.Mmap(-1, 0, pageSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+func lockedPage() ([]byte, error) { return lockedMap(pageSize) }
+
+// lockedMap maps size bytes (whole pages) as lockedPage does.
+func lockedMap(size int) ([]byte, error) {
+	p, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
 		return nil, fmt.Errorf("%w: mmap: %v", ErrLock, err)
 	}
@@ -90,6 +93,48 @@ func lockedPage() ([]byte, error) {
 		}
 	}
 	return p, nil
+}
+
+// Locked is memory with the key page's protections (outside the Go heap,
+// mlocked, MADV_DONTDUMP, MADV_DONTFORK) for the secrets that help unwrap a
+// data key: a recipient's private key, a KMS's working copy of a plaintext.
+// Free wipes and unmaps it. Its methods are safe for concurrent use, but
+// the bytes are the caller's to guard.
+type Locked struct {
+	mu sync.Mutex
+	b  []byte
+}
+
+// NewLocked maps size bytes, rounded up to whole pages.
+func NewLocked(size int) (*Locked, error) {
+	if size <= 0 {
+		return nil, fmt.Errorf("%w: size %d", ErrLock, size)
+	}
+	ps := unix.Getpagesize()
+	p, err := lockedMap((size + ps - 1) &^ (ps - 1))
+	if err != nil {
+		return nil, err
+	}
+	return &Locked{b: p}, nil
+}
+
+// Bytes is the locked memory; nil once freed.
+func (l *Locked) Bytes() []byte {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b
+}
+
+// Free zeroes, unlocks and unmaps the memory. It may be called more than
+// once.
+func (l *Locked) Free() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.b != nil {
+		clear(l.b)
+		releasePage(l.b)
+		l.b = nil
+	}
 }
 
 // Attach unwraps the key into locked memory and returns the volume's cipher.

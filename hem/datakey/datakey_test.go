@@ -114,3 +114,28 @@ func locked(t *testing.T, p []byte) bool {
 	}
 	return false
 }
+
+// TestLocked: NewLocked's memory is locked, out of dumps and forks, whole
+// pages; Free wipes it and may be called twice.
+func TestLocked(t *testing.T) {
+	l, err := NewLocked(5000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := l.Bytes()
+	if len(b) != 8192 {
+		t.Fatalf("%d bytes, want two pages", len(b))
+	}
+	copy(b, testKey())
+	if !locked(t, b) {
+		t.Fatal("memory is not locked, MADV_DONTDUMP and MADV_DONTFORK")
+	}
+	l.Free()
+	l.Free()
+	if l.Bytes() != nil {
+		t.Fatal("Bytes after Free")
+	}
+	if _, err := NewLocked(0); !errors.Is(err, ErrLock) {
+		t.Fatalf("NewLocked(0): %v", err)
+	}
+}

@@ -31,7 +31,7 @@ func NewSnapshotFile(src *Header, srcPath, path, snapID string) (*Volume, error)
 	h.Created = time.Now().UTC().Truncate(time.Second)
 	h.State = StateCreating
 	h.Operation = &Operation{Kind: OpSnapshot, Source: src.VolumeID, SourceSize: src.SizeBytes, Started: h.Created}
-	return createFile(path, &h)
+	return create(FileAt(path), &h)
 }
 
 // DataWriter writes the volume's data area: its offset 0 is the first byte

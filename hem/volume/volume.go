@@ -46,28 +46,37 @@ type CreateOptions struct {
 	Size      uint64 // bytes, a multiple of BlockSize
 	BlockSize uint32 // 512 (default) or 4096
 	KeyID     string // CMK id, ARN or alias
-	// Parent, when set, is the snapshot the volume starts from: the new
-	// volume shares its wrapped key and context and holds a copy of its data.
-	Parent string
+	// Parent, when set, is the snapshot file the volume starts from: the
+	// new volume shares its wrapped key and context and holds a copy of its
+	// data. ParentAt is the same for a snapshot anywhere (it wins).
+	Parent   string
+	ParentAt Location
 	// Pending, when set, creates the volume in state creating for this
 	// operation (an import): the operation marks it available when its
 	// data is complete.
 	Pending *Operation
 }
 
-// Volume is an open volume file.
+// Volume is an open volume.
 type Volume struct {
-	f      *os.File
+	f      Store
 	Head   *Header
-	path   string
-	locked bool // this process holds the file's exclusive lock
+	loc    Location
+	locked bool // this process claims the volume (lock)
 }
 
-// Create makes a new encrypted volume at path under a fresh data key from
-// the KMS, or from the snapshot at opts.Parent. A volume from a snapshot is
-// creating until its data is copied and synced; a killed Create leaves no
-// file at path, or one that says it is creating.
+// Create makes a new encrypted volume file at path (see CreateAt).
 func Create(ctx context.Context, kms KMS, path string, opts CreateOptions) (*Volume, error) {
+	return CreateAt(ctx, kms, FileAt(path), opts)
+}
+
+// CreateAt makes a new encrypted volume at loc under a fresh data key from
+// the KMS, or from the snapshot at opts.ParentAt (or opts.Parent). A volume
+// from a snapshot is cloned where loc can (Cloner): available at once, no
+// data copied; otherwise it is creating until its data is copied and synced.
+// A killed CreateAt leaves nothing at loc, or a volume that says it is
+// creating.
+func CreateAt(ctx context.Context, kms KMS, loc Location, opts CreateOptions) (*Volume, error) {
 	if opts.BlockSize == 0 {
 		opts.BlockSize = 512
 	}
@@ -92,17 +101,20 @@ func Create(ctx context.Context, kms KMS, path string, opts CreateOptions) (*Vol
 		h.State, h.Operation = StateCreating, &op
 	}
 	var parent *Volume
-	if opts.Parent != "" {
-		p, err := Open(opts.Parent, true)
+	if opts.ParentAt == nil && opts.Parent != "" {
+		opts.ParentAt = FileAt(opts.Parent)
+	}
+	if opts.ParentAt != nil {
+		p, err := OpenAt(opts.ParentAt, true)
 		if err != nil {
 			return nil, fmt.Errorf("create %s: parent: %w", opts.ID, err)
 		}
 		defer p.Close()
 		ph := p.Head
 		if !ValidSnapshotID(ph.VolumeID) {
-			return nil, fmt.Errorf("create %s: %s is volume %s, not a snapshot", opts.ID, opts.Parent, ph.VolumeID)
+			return nil, fmt.Errorf("create %s: %s is volume %s, not a snapshot", opts.ID, opts.ParentAt, ph.VolumeID)
 		}
-		if err := ph.Servable(opts.Parent); err != nil {
+		if err := ph.Servable(opts.ParentAt.String()); err != nil {
 			return nil, fmt.Errorf("create %s: parent: %w", opts.ID, err)
 		}
 		if h.SizeBytes == 0 {
@@ -137,7 +149,23 @@ func Create(ctx context.Context, kms KMS, path string, opts CreateOptions) (*Vol
 	if err := h.Validate(); err != nil {
 		return nil, fmt.Errorf("create %s: %w", opts.ID, err)
 	}
-	v, err := createFile(path, h)
+	if parent != nil {
+		if c, ok := loc.(Cloner); ok {
+			// Copy-on-write: the data is there at once, so is the volume.
+			ch := *h
+			ch.State, ch.Operation = StateAvailable, nil
+			v := &Volume{Head: &ch, loc: loc}
+			st, cloned, err := c.Clone(parent.f, v.init)
+			if err != nil {
+				return nil, fmt.Errorf("create %s from %s: %w", opts.ID, parent.Head.VolumeID, err)
+			}
+			if cloned {
+				v.f = st
+				return v, nil
+			}
+		}
+	}
+	v, err := create(loc, h)
 	if err != nil {
 		return nil, err
 	}
@@ -154,46 +182,32 @@ func Create(ctx context.Context, kms KMS, path string, opts CreateOptions) (*Vol
 	return v, nil
 }
 
-// createFile makes a new sparse file of the volume's full size with header
-// h. The file is made and its header synced under a temporary name beside
-// path, then renamed to path (never replacing a file there): a process
-// killed on the way leaves no file at path, or one with a whole header. The
-// new file is locked (see lock) for as long as it is open.
-func createFile(path string, h *Header) (*Volume, error) {
-	if _, err := os.Lstat(path); err == nil {
-		return nil, fmt.Errorf("create volume %s: %s: %w", h.VolumeID, path, fs.ErrExist)
-	}
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, filepath.Base(path)+".creating-*")
+// create makes a new store of the volume's full size with header h at loc.
+// The store is made and its header synced before it appears at loc (for a
+// file: under a temporary name beside it, renamed into place, never
+// replacing a file there): a process killed on the way leaves nothing at
+// loc, or a store with a whole header. The new volume is claimed (see lock)
+// for as long as it is open.
+func create(loc Location, h *Header) (*Volume, error) {
+	v := &Volume{Head: h, loc: loc}
+	st, err := loc.Create(int64(h.DataOffset+h.SizeBytes), v.init)
 	if err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return nil, fmt.Errorf("create volume %s: %s: %w", h.VolumeID, loc, fs.ErrExist)
+		}
 		return nil, fmt.Errorf("create volume %s: %w", h.VolumeID, err)
 	}
-	tmp := f.Name()
-	fail := func(err error) (*Volume, error) {
-		f.Close()
-		os.Remove(tmp)
-		return nil, fmt.Errorf("create volume %s: %w", h.VolumeID, err)
-	}
-	v := &Volume{f: f, Head: h, path: tmp}
-	if err := v.lock(); err != nil {
-		return fail(err)
-	}
-	if err := f.Truncate(int64(h.DataOffset + h.SizeBytes)); err != nil {
-		return fail(err)
-	}
-	if err := Write(f, h); err != nil {
-		return fail(err)
-	}
-	if err := renameNoReplace(tmp, path); err != nil {
-		return fail(err)
-	}
-	v.path = path
-	if err := syncDir(dir); err != nil {
-		v.Close()
-		os.Remove(path)
-		return nil, fmt.Errorf("create volume %s: %w", h.VolumeID, err)
-	}
+	v.f = st
 	return v, nil
+}
+
+// init claims a new store and writes the volume's header to it.
+func (v *Volume) init(st Store) error {
+	v.f = st
+	if err := v.lock(); err != nil {
+		return err
+	}
+	return Write(st, v.Head)
 }
 
 // renameNoReplace renames from to to, failing if to exists.
@@ -227,67 +241,86 @@ func syncDir(dir string) error {
 }
 
 // Open opens a volume file and reads its header.
-func Open(path string, readOnly bool) (*Volume, error) {
-	flag := os.O_RDWR
-	if readOnly {
-		flag = os.O_RDONLY
-	}
-	f, err := os.OpenFile(path, flag, 0)
+func Open(path string, readOnly bool) (*Volume, error) { return OpenAt(FileAt(path), readOnly) }
+
+// OpenAt opens the volume at loc and reads its header. A native snapshot
+// (SnapshotLocation) reads as a snapshot: the header's id is the
+// snapshot's.
+func OpenAt(loc Location, readOnly bool) (*Volume, error) {
+	f, err := loc.Open(readOnly)
 	if err != nil {
-		return nil, fmt.Errorf("open volume: %w", err)
+		if _, ok := err.(*fs.PathError); ok {
+			return nil, fmt.Errorf("open volume: %w", err) // names the path
+		}
+		return nil, fmt.Errorf("open volume %s: %w", loc, err)
 	}
 	h, err := Read(f)
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("open volume %s: %w", path, err)
+		return nil, fmt.Errorf("open volume %s: %w", loc, err)
 	}
-	st, err := f.Stat()
-	if err == nil && st.Mode().IsRegular() && uint64(st.Size()) < h.DataOffset+h.SizeBytes {
-		f.Close()
-		return nil, fmt.Errorf("open volume %s: file has %d bytes, header says %d", path, st.Size(), h.DataOffset+h.SizeBytes)
+	if sz, ok := f.(sizer); ok {
+		if n, err := sz.Size(); err == nil && n > 0 && uint64(n) < h.DataOffset+h.SizeBytes {
+			f.Close()
+			return nil, fmt.Errorf("open volume %s: file has %d bytes, header says %d", loc, n, h.DataOffset+h.SizeBytes)
+		}
 	}
-	return &Volume{f: f, Head: h, path: path}, nil
+	if sl, ok := loc.(SnapshotLocation); ok && sl.SnapshotID() != "" {
+		id := sl.SnapshotID()
+		if !ValidSnapshotID(id) {
+			f.Close()
+			return nil, fmt.Errorf("open volume %s: snapshot %q is not a hemd snapshot (snap- and 17 hex digits)", loc, id)
+		}
+		if err := h.Servable(loc.String()); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("open volume %s: the snapshot was taken of a volume that was not available: %w", loc, err)
+		}
+		view := *h
+		view.VolumeID, view.ParentSnapshot = id, ""
+		h = &view
+	}
+	return &Volume{f: f, Head: h, loc: loc}, nil
 }
 
-// Close closes the file (and so drops its lock).
+// Close closes the volume (and so drops its claim).
 func (v *Volume) Close() error { return v.f.Close() }
 
-// Path returns the volume's path.
-func (v *Volume) Path() string { return v.path }
+// Path returns the volume's path (or name: rbd:POOL/IMAGE).
+func (v *Volume) Path() string { return v.loc.String() }
 
-// lock takes an exclusive lock on the whole volume file, which the
-// operations that fill a volume (create, import, snapshot, copy) hold while
-// they write: a second import or resume of the same volume is refused, and
-// InUse tells an interrupted operation from a running one. It is an open
-// file description lock (F_OFD_SETLK), the kind hemd serve claims a volume
-// with, so an import and a hemd serve of one volume exclude each other too.
-// The lock dies with the process.
+// Location returns where the volume is.
+func (v *Volume) Location() Location { return v.loc }
+
+// lock claims the volume, as the operations that fill a volume (create,
+// import, snapshot, copy) do while they write: a second import or resume of
+// the same volume is refused, and InUse tells an interrupted operation from
+// a running one. A file is claimed with an open file description lock
+// (F_OFD_SETLK), the kind hemd serve claims a volume with, so an import and
+// a hemd serve of one volume exclude each other too; an RBD image with its
+// exclusive lock. The claim dies with the process.
 func (v *Volume) lock() error {
-	if v.locked {
+	c, ok := v.f.(claimer)
+	if v.locked || !ok {
 		return nil
 	}
-	lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: io.SeekStart} // Start 0, Len 0: the whole file
-	if err := unix.FcntlFlock(v.f.Fd(), unix.F_OFD_SETLK, &lk); err != nil {
-		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EACCES) {
-			return fmt.Errorf("volume %s (%s) is in use by another process (an import, or hemd serve)", v.Head.VolumeID, v.path)
+	if err := c.Claim(); err != nil {
+		if errors.Is(err, errClaimed) {
+			return fmt.Errorf("volume %s (%s) is in use by another process (an import, or hemd serve)", v.Head.VolumeID, v.loc)
 		}
-		return fmt.Errorf("lock volume %s: %w", v.path, err)
+		return fmt.Errorf("lock volume %s: %w", v.loc, err)
 	}
 	v.locked = true
 	return nil
 }
 
-// InUse reports whether another process holds a lock on the volume file:
-// for a volume that is creating, whether its operation is still running.
+// InUse reports whether another process claims the volume: for a volume
+// that is creating, whether its operation is still running.
 func (v *Volume) InUse() bool {
-	if v.locked {
+	c, ok := v.f.(claimer)
+	if v.locked || !ok {
 		return false
 	}
-	lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: io.SeekStart}
-	if err := unix.FcntlFlock(v.f.Fd(), unix.F_OFD_GETLK, &lk); err != nil {
-		return false
-	}
-	return lk.Type != unix.F_UNLCK
+	return c.InUse()
 }
 
 // setState writes the header with state s and operation op, synced.
@@ -304,7 +337,7 @@ func (v *Volume) setState(s State, op *Operation) error {
 // complete marks a volume whose data is all written available: the data
 // synced first, then the header.
 func (v *Volume) complete() error {
-	if err := unix.Fdatasync(int(v.f.Fd())); err != nil {
+	if err := datasync(v.f); err != nil {
 		return fmt.Errorf("volume %s: sync data: %w", v.Head.VolumeID, err)
 	}
 	return v.setState(StateAvailable, nil)
@@ -323,10 +356,10 @@ func (v *Volume) fail(err error) error {
 	return err
 }
 
-// abandon removes a new volume whose operation failed. Should the file
-// stay (it cannot be removed), it is marked error. It returns err.
+// abandon removes a new volume whose operation failed. Should it stay (it
+// cannot be removed), it is marked error. It returns err.
 func (v *Volume) abandon(err error) error {
-	if rerr := os.Remove(v.path); rerr != nil {
+	if rerr := v.loc.Remove(); rerr != nil {
 		err = v.fail(err)
 	}
 	v.Close()
@@ -407,7 +440,7 @@ func (v *Volume) Import(ctx context.Context, kms KMS, src io.ReaderAt, size int6
 	case o.Resume && h.Available():
 		return fmt.Errorf("import into %s: --resume: the volume is available: there is no import to resume", id)
 	case o.Resume && op.Kind != OpImport:
-		return fmt.Errorf("import into %s: --resume: %w", id, h.Servable(v.path))
+		return fmt.Errorf("import into %s: --resume: %w", id, h.Servable(v.Path()))
 	case o.Resume && uint64(size) != op.SourceSize:
 		return fmt.Errorf("import into %s: --resume: the image has %d bytes, the interrupted import of %s had %d: not the same image",
 			id, size, op.Source, op.SourceSize)
@@ -421,7 +454,7 @@ func (v *Volume) Import(ctx context.Context, kms KMS, src io.ReaderAt, size int6
 			}
 		}
 	case !h.Available() && op.Kind != OpImport:
-		return fmt.Errorf("import into %s: %w", id, h.Servable(v.path))
+		return fmt.Errorf("import into %s: %w", id, h.Servable(v.Path()))
 	case h.State == StateCreating && op.Kind == OpImport && op.Done == 0 && op.Source == o.Source && op.SourceSize == uint64(size):
 		// Created for this import: the header says so already.
 	default:
@@ -514,7 +547,7 @@ func (v *Volume) encryptFrom(ctx context.Context, src io.ReaderAt, x *hem.XTS, o
 // checkpoint records that the image's first done bytes are in the volume:
 // the data synced first, then the header.
 func (v *Volume) checkpoint(done int64) error {
-	if err := unix.Fdatasync(int(v.f.Fd())); err != nil {
+	if err := datasync(v.f); err != nil {
 		return fmt.Errorf("sync data: %w", err)
 	}
 	op := *v.Head.Operation
@@ -537,7 +570,7 @@ func readFull(r io.ReaderAt, p []byte, off int64) error {
 // Export decrypts the volume's data area into w. A volume that is not
 // available is refused: its data is incomplete.
 func (v *Volume) Export(ctx context.Context, kms KMS, w io.Writer, progress Progress) error {
-	if err := v.Head.Servable(v.path); err != nil {
+	if err := v.Head.Servable(v.Path()); err != nil {
 		return fmt.Errorf("export: %w", err)
 	}
 	return v.withKey(ctx, kms, func(x *hem.XTS) error {
@@ -574,7 +607,7 @@ func (v *Volume) ExportFile(ctx context.Context, kms KMS, path string, progress 
 	if _, err := os.Lstat(path); err == nil {
 		return fmt.Errorf("export %s: %s: %w", v.Head.VolumeID, path, fs.ErrExist)
 	}
-	if err := v.Head.Servable(v.path); err != nil {
+	if err := v.Head.Servable(v.Path()); err != nil {
 		return fmt.Errorf("export: %w", err)
 	}
 	dir := filepath.Dir(path)
@@ -618,12 +651,18 @@ func (v *Volume) withKey(ctx context.Context, kms KMS, fn func(*hem.XTS) error) 
 	return fn(x)
 }
 
-// Snapshot copies the volume into a new snapshot file at path: same data
-// key, same wrapped key and context, the ciphertext copied as it is. The
+// Snapshot copies the volume into a new snapshot file at path (see
+// SnapshotTo).
+func (v *Volume) Snapshot(ctx context.Context, path, snapID string) (*Volume, error) {
+	return v.SnapshotTo(ctx, FileAt(path), snapID)
+}
+
+// SnapshotTo copies the volume into a new snapshot at loc: same data key,
+// same wrapped key and context, the ciphertext copied as it is. The
 // snapshot is creating until its data is copied and synced; one that fails
 // is removed.
-func (v *Volume) Snapshot(ctx context.Context, path, snapID string) (*Volume, error) {
-	if err := v.Head.Servable(v.path); err != nil {
+func (v *Volume) SnapshotTo(ctx context.Context, loc Location, snapID string) (*Volume, error) {
+	if err := v.Head.Servable(v.Path()); err != nil {
 		return nil, fmt.Errorf("snapshot: %w", err)
 	}
 	if snapID == "" {
@@ -634,7 +673,7 @@ func (v *Volume) Snapshot(ctx context.Context, path, snapID string) (*Volume, er
 	h.Created = time.Now().UTC().Truncate(time.Second)
 	h.State = StateCreating
 	h.Operation = &Operation{Kind: OpSnapshot, Source: v.Head.VolumeID, SourceSize: v.Head.SizeBytes, Started: h.Created}
-	s, err := createFile(path, &h)
+	s, err := create(loc, &h)
 	if err != nil {
 		return nil, err
 	}
@@ -648,15 +687,21 @@ func (v *Volume) Snapshot(ctx context.Context, path, snapID string) (*Volume, er
 	return s, nil
 }
 
-// CopySnapshot copies a snapshot into a new snapshot under another CMK: a new
-// data key (context: the new snapshot id), the data re-encrypted. The copy
-// is creating until its data is written and synced; one that fails is
-// removed.
+// CopySnapshot copies a snapshot into a new snapshot file at path (see
+// CopySnapshotTo).
 func (v *Volume) CopySnapshot(ctx context.Context, kms KMS, path, keyID, snapID string) (*Volume, error) {
+	return v.CopySnapshotTo(ctx, kms, FileAt(path), keyID, snapID, nil)
+}
+
+// CopySnapshotTo copies a snapshot into a new snapshot at loc under another
+// CMK: a new data key (context: the new snapshot id), the data re-encrypted
+// (progress, if not nil, is told the bytes done). The copy is creating
+// until its data is written and synced; one that fails is removed.
+func (v *Volume) CopySnapshotTo(ctx context.Context, kms KMS, loc Location, keyID, snapID string, progress Progress) (*Volume, error) {
 	if !ValidSnapshotID(v.Head.VolumeID) {
 		return nil, fmt.Errorf("copy %s: not a snapshot", v.Head.VolumeID)
 	}
-	if err := v.Head.Servable(v.path); err != nil {
+	if err := v.Head.Servable(v.Path()); err != nil {
 		return nil, fmt.Errorf("copy: %w", err)
 	}
 	if snapID == "" {
@@ -676,15 +721,18 @@ func (v *Volume) CopySnapshot(ctx context.Context, kms KMS, path, keyID, snapID 
 		return nil, fmt.Errorf("copy %s: generate data key under %s: %w", v.Head.VolumeID, keyID, err)
 	}
 	h.KeyID, h.WrappedDEK = arn, blob
-	dst, err := createFile(path, &h)
+	dst, err := create(loc, &h)
 	if err != nil {
 		return nil, err
 	}
 	err = v.withKey(ctx, kms, func(src *hem.XTS) error {
 		return dst.withKey(ctx, kms, func(out *hem.XTS) error {
-			return reencrypt(ctx, v, dst, src, out)
+			return reencrypt(ctx, v, dst, src, out, progress)
 		})
 	})
+	if err == nil && progress != nil {
+		progress(int64(h.SizeBytes), int64(h.SizeBytes))
+	}
 	if err == nil {
 		err = dst.complete()
 	}
@@ -696,7 +744,7 @@ func (v *Volume) CopySnapshot(ctx context.Context, kms KMS, path, keyID, snapID 
 
 // reencrypt moves the data area of src into dst, decrypting with from and
 // encrypting with to. Holes (never written) stay holes.
-func reencrypt(ctx context.Context, src, dst *Volume, from, to *hem.XTS) error {
+func reencrypt(ctx context.Context, src, dst *Volume, from, to *hem.XTS, progress Progress) error {
 	buf := make([]byte, chunk)
 	defer clear(buf)
 	us := int64(from.UnitSize())
@@ -715,47 +763,17 @@ func reencrypt(ctx context.Context, src, dst *Volume, from, to *hem.XTS) error {
 				return err
 			}
 			off, n = off+c, n-c
+			if progress != nil {
+				progress(off, int64(src.Head.SizeBytes))
+			}
 		}
 		return nil
 	})
 }
 
-// forData calls fn for each allocated range of [base, base+size) of f, as
-// offsets relative to base, aligned to 4 KiB (SEEK_DATA/SEEK_HOLE); where the
-// filesystem cannot tell, the whole range is data.
-func forData(f *os.File, base, size int64, fn func(off, n int64) error) error {
-	fd := int(f.Fd())
-	end := base + size
-	for pos := base; pos < end; {
-		data, err := unix.Seek(fd, pos, unix.SEEK_DATA)
-		if err == unix.ENXIO {
-			return nil // only a hole is left
-		}
-		if err != nil {
-			return fn(pos-base, end-pos)
-		}
-		if data >= end {
-			return nil
-		}
-		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
-		if err != nil || hole > end {
-			hole = end
-		}
-		data &^= 4095
-		if data < pos {
-			data = pos
-		}
-		if err := fn(data-base, hole-data); err != nil {
-			return err
-		}
-		pos = hole
-	}
-	return nil
-}
-
 // copyData copies size bytes of ciphertext from src at srcOff to dst at
 // dstOff, keeping holes.
-func copyData(ctx context.Context, dst, src *os.File, srcOff, dstOff, size int64) error {
+func copyData(ctx context.Context, dst, src Store, srcOff, dstOff, size int64) error {
 	buf := make([]byte, chunk)
 	return forData(src, srcOff, size, func(off, n int64) error {
 		for n > 0 {

@@ -16,6 +16,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/kms"
 	"github.com/aws/aws-sdk-go-v2/service/kms/types"
 	"github.com/hemd/hemd/kmsclient/hsm"
+	"github.com/hemd/hemd/kmsclient/recipient"
 )
 
 func serve(t testing.TB) (*httptest.Server, *hsm.KMS) {
@@ -217,10 +218,31 @@ func TestGrants(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := host.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: a.CiphertextBlob, EncryptionContext: volA}); err != nil {
+	// A grants-only host must name a Recipient (require_recipient's
+	// default): a plain Decrypt is refused even under its grant.
+	if _, err := host.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: a.CiphertextBlob, EncryptionContext: volA}); errCodeOf(err) != "AccessDeniedException" ||
+		!strings.Contains(err.Error(), "Recipient") {
+		t.Fatalf("a plain decrypt by a grants-only host: %v", err)
+	}
+	kp, err := recipient.GenerateKeyPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kp.Destroy()
+	rcpt := &types.RecipientInfo{KeyEncryptionAlgorithm: types.KeyEncryptionMechanismRsaesOaepSha256, AttestationDocument: kp.Document()}
+	d, err := host.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: a.CiphertextBlob, EncryptionContext: volA, Recipient: rcpt})
+	if err != nil {
 		t.Fatalf("decrypt vol-A's key under the grant: %v", err)
 	}
-	if _, err := host.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: b.CiphertextBlob, EncryptionContext: volB}); err == nil || !strings.Contains(err.Error(), "AccessDenied") {
+	want, _ := admin.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: a.CiphertextBlob, EncryptionContext: volA})
+	got := make([]byte, 64)
+	if d.Plaintext != nil || len(d.CiphertextForRecipient) == 0 {
+		t.Fatalf("Decrypt for a recipient answered Plaintext %d bytes, CiphertextForRecipient %d", len(d.Plaintext), len(d.CiphertextForRecipient))
+	}
+	if n, err := kp.Open(d.CiphertextForRecipient, got); err != nil || !bytes.Equal(got[:n], want.Plaintext) {
+		t.Fatalf("the host's envelope: %v", err)
+	}
+	if _, err := host.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: b.CiphertextBlob, EncryptionContext: volB, Recipient: rcpt}); err == nil || !strings.Contains(err.Error(), "AccessDenied") {
 		t.Fatalf("vol-B's key through a grant for vol-A: %v", err)
 	}
 	if _, err := host.CreateKey(ctx, &kms.CreateKeyInput{}); err == nil {
@@ -233,7 +255,7 @@ func TestGrants(t *testing.T) {
 	if _, err := admin.RevokeGrant(ctx, &kms.RevokeGrantInput{KeyId: key, GrantId: g.GrantId}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := host.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: a.CiphertextBlob, EncryptionContext: volA}); err == nil {
+	if _, err := host.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: a.CiphertextBlob, EncryptionContext: volA, Recipient: rcpt}); err == nil {
 		t.Fatal("decrypt after the grant was revoked")
 	}
 }

@@ -4,13 +4,18 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -18,6 +23,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
 	"github.com/hemd/hemd/kmsclient/hsm"
+	"github.com/hemd/hemd/kmsclient/recipient"
 )
 
 // Client calls a KMS that speaks the AWS protocol: hemd kms serve (or AWS
@@ -34,6 +40,10 @@ type Client struct {
 	HTTP            *http.Client
 	// Log, when set, is warned when a key ARN's region overrides Region.
 	Log *slog.Logger
+	// Keys, when set, makes Decrypt name a Recipient: a fresh key pair per
+	// call, whose private key is only in locked memory, so that the
+	// response carries the data key encrypted to it and no plaintext.
+	Keys *recipient.Keys
 
 	// keyRegions maps key ids to the region of their ARN (seen in requests
 	// and responses), so that Decrypt, which names no key, signs for the
@@ -42,21 +52,141 @@ type Client struct {
 	keyRegions, warned sync.Map
 }
 
-// NewClient returns a client for endpoint.
+// NewClient returns a client for endpoint, without TLS settings or a
+// recipient (tests, tools); hosts use NewClientWith.
 func NewClient(endpoint, region, akid, secret string) *Client {
-	c := &Client{Endpoint: endpoint, Region: region, AccessKeyID: akid, SecretAccessKey: secret}
+	c, _ := newClient(ClientConfig{Endpoint: endpoint, Region: region, AccessKeyID: akid, SecretAccessKey: secret})
+	return c
+}
+
+// ClientConfig is a host's way to its KMS.
+type ClientConfig struct {
+	Endpoint, Region, AccessKeyID, SecretAccessKey string
+	// CAFile holds the PEM certificates an https endpoint's certificate
+	// must chain to; empty: the system's.
+	CAFile string
+	// CertFile and KeyFile are the host's certificate and key (PEM) for a
+	// KMS that asks for one (mutual TLS).
+	CertFile, KeyFile string
+	// InsecureHTTP allows http:// to a host that is not loopback.
+	InsecureHTTP bool
+	// Recipient makes Decrypt name a Recipient (Client.Keys).
+	Recipient bool
+	Log       *slog.Logger
+}
+
+// ErrInsecureEndpoint is plain HTTP to a KMS on another host.
+var ErrInsecureEndpoint = errors.New("plain http:// to a KMS that is not on this host")
+
+// CheckEndpoint says whether endpoint may be used: unix sockets, https, and
+// http to a loopback address are; http to anything else only with
+// insecure, and then warn is true.
+func CheckEndpoint(endpoint string, insecure bool) (warn bool, err error) {
+	if strings.HasPrefix(endpoint, "unix:") {
+		return false, nil
+	}
+	u, err := url.Parse(endpoint)
+	if err != nil || u.Host == "" {
+		return false, fmt.Errorf("kms endpoint %q: want https://HOST:PORT, http://HOST:PORT or unix:PATH", endpoint)
+	}
+	switch u.Scheme {
+	case "https":
+		return false, nil
+	case "http":
+		if loopback(u.Hostname()) {
+			return false, nil
+		}
+		if !insecure {
+			return false, fmt.Errorf("kms endpoint %s: %w: use https:// (hemd kms serve --tls-cert), or set [kms] insecure_http = true", endpoint, ErrInsecureEndpoint)
+		}
+		return true, nil
+	}
+	return false, fmt.Errorf("kms endpoint %q: scheme %q is not https, http or unix", endpoint, u.Scheme)
+}
+
+// loopback reports whether host is this machine for certain: localhost or
+// a loopback address (a name could resolve anywhere).
+func loopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// NewClientWith returns a client for cfg: TLS 1.3 to an https endpoint,
+// with cfg's CAs and client certificate.
+func NewClientWith(cfg ClientConfig) (*Client, error) {
+	warn, err := CheckEndpoint(cfg.Endpoint, cfg.InsecureHTTP)
+	if err != nil {
+		return nil, err
+	}
+	if warn && cfg.Log != nil {
+		cfg.Log.Warn("kms: plain HTTP to a KMS on another host (insecure_http): requests and the keys' envelopes cross the network unencrypted and unauthenticated",
+			"endpoint", cfg.Endpoint)
+	}
+	return newClient(cfg)
+}
+
+// newClient is NewClientWith without the endpoint check.
+func newClient(cfg ClientConfig) (*Client, error) {
+	var err error
+	c := &Client{Endpoint: cfg.Endpoint, Region: cfg.Region, AccessKeyID: cfg.AccessKeyID, SecretAccessKey: cfg.SecretAccessKey, Log: cfg.Log}
 	if c.Region == "" {
 		c.Region = "local"
 	}
-	tr := &http.Transport{}
-	if path, ok := strings.CutPrefix(endpoint, "unix:"); ok {
+	tr := &http.Transport{MaxIdleConnsPerHost: 8, IdleConnTimeout: 90 * time.Second}
+	if path, ok := strings.CutPrefix(cfg.Endpoint, "unix:"); ok {
 		tr.DialContext = func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, "unix", path)
 		}
 		c.Endpoint = "http://kms.unix"
 	}
+	if tr.TLSClientConfig, err = TLSClient(cfg.CAFile, cfg.CertFile, cfg.KeyFile); err != nil {
+		return nil, err
+	}
 	c.HTTP = &http.Client{Transport: tr, Timeout: 30 * time.Second}
-	return c
+	if cfg.Recipient {
+		c.Keys = recipient.NewKeys()
+	}
+	return c, nil
+}
+
+// TLSClient is the TLS configuration of a KMS client: TLS 1.3, the CAs in
+// caFile (else the system's), and a client certificate if one is given.
+func TLSClient(caFile, certFile, keyFile string) (*tls.Config, error) {
+	tc := &tls.Config{MinVersion: tls.VersionTLS13}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("kms ca_file: %w", err)
+		}
+		tc.RootCAs = x509.NewCertPool()
+		if !tc.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("kms ca_file %s: no PEM certificate in it", caFile)
+		}
+	}
+	switch {
+	case certFile != "" && keyFile != "":
+		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("kms client certificate: %w", err)
+		}
+		tc.Certificates = []tls.Certificate{cert}
+	case certFile != "" || keyFile != "":
+		return nil, errors.New("kms client certificate: client_cert and client_key go together")
+	}
+	return tc, nil
+}
+
+// Close stops the background work of the client (the recipient key pair
+// made ahead) and wipes it.
+func (c *Client) Close() error {
+	if c.Keys != nil {
+		c.Keys.Close()
+	}
+	c.HTTP.CloseIdleConnections()
+	return nil
 }
 
 // keyARN splits a key or alias ARN (arn:PARTITION:kms:REGION:ACCOUNT:
@@ -162,31 +292,64 @@ func (c *Client) GenerateDataKeyWithoutPlaintext(ctx context.Context, keyID stri
 	return out.CiphertextBlob, out.KeyId, err
 }
 
-// Decrypt unwraps blob into dst and wipes the copies it made.
+// Decrypt unwraps blob into dst. With Keys it names a Recipient: the KMS
+// answers with the key encrypted to a fresh key pair, opened here in
+// locked memory, and no plaintext crosses the wire or lands in a buffer of
+// net/http. Without, it wipes the copies it made (net/http's own buffers
+// it cannot reach).
 func (c *Client) Decrypt(ctx context.Context, blob []byte, ectx map[string]string, dst []byte) (string, error) {
 	var out struct {
-		Plaintext []byte
-		KeyId     string
+		Plaintext              []byte
+		CiphertextForRecipient []byte
+		KeyId                  string
 	}
 	region := c.Region
 	if id, err := hsm.BlobKeyID(blob); err == nil {
 		region = c.regionFor(id)
 	}
-	err := c.callIn(ctx, region, "Decrypt", map[string]any{"CiphertextBlob": blob, "EncryptionContext": ectx}, &out)
+	in := map[string]any{"CiphertextBlob": blob, "EncryptionContext": ectx}
+	var kp *recipient.KeyPair
+	if c.Keys != nil {
+		var err error
+		if kp, err = c.Keys.Get(ctx); err != nil {
+			return "", fmt.Errorf("kms Decrypt: recipient key pair: %w", err)
+		}
+		defer c.Keys.Warm() // the next attach's, once this one is done
+		defer kp.Destroy()
+		in["Recipient"] = map[string]any{"KeyEncryptionAlgorithm": recipient.KeyEncryptionAlgorithm, "AttestationDocument": kp.Document()}
+	}
+	err := c.callIn(ctx, region, "Decrypt", in, &out)
 	defer clear(out.Plaintext)
 	if err != nil {
+		var he *hsm.Error
+		if kp != nil && errors.As(err, &he) && he.Type == "UnsupportedOperationException" {
+			he.Message += " (the KMS does not do Decrypt for a recipient: upgrade it, or set [kms] recipient = false)"
+		}
 		return out.KeyId, err
 	}
-	if len(out.Plaintext) > len(dst) {
-		return out.KeyId, &hsm.Error{Type: "ValidationException", Message: "plaintext larger than expected"}
+	if kp == nil {
+		if len(out.Plaintext) > len(dst) {
+			return out.KeyId, &hsm.Error{Type: "ValidationException", Message: "plaintext larger than expected"}
+		}
+		copy(dst, out.Plaintext)
+		return out.KeyId, nil
 	}
-	copy(dst, out.Plaintext)
+	if len(out.Plaintext) > 0 || len(out.CiphertextForRecipient) == 0 {
+		return out.KeyId, &hsm.Error{Type: "KMSInternalException",
+			Message: "the KMS answered Decrypt for a recipient with no CiphertextForRecipient: it ignored the Recipient"}
+	}
+	if _, err := kp.Open(out.CiphertextForRecipient, dst); err != nil {
+		return out.KeyId, fmt.Errorf("kms Decrypt: %w", err)
+	}
 	return out.KeyId, nil
 }
 
 // CheckKey reports whether keyID exists and is Enabled.
 func (c *Client) CheckKey(ctx context.Context, keyID string) error {
 	var out struct{ KeyMetadata keyMetadata }
+	if c.Keys != nil {
+		c.Keys.Warm() // an attach follows: have its key pair ready
+	}
 	if err := c.callIn(ctx, c.regionFor(keyID), "DescribeKey", map[string]any{"KeyId": keyID}, &out); err != nil {
 		return err
 	}

@@ -9,7 +9,9 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/hemd/hemd/hem/shield"
 	"github.com/hemd/hemd/kmsclient/hsm"
+	"github.com/hemd/hemd/kmsclient/recipient"
 )
 
 // request holds the fields of every operation served, as the AWS KMS API
@@ -99,11 +101,13 @@ func (s *Server) wire(m hsm.KeyMetadata) keyMetadata {
 
 // call is one request being served.
 type call struct {
-	s          *Server
-	k          *hsm.KMS
-	who        string
-	grantsOnly bool
-	secrets    [][]byte
+	s                *Server
+	k                *hsm.KMS
+	who              string
+	grantsOnly       bool
+	requireRecipient bool // the caller's plaintext-returning calls must name a Recipient
+	secrets          [][]byte
+	resp             *secretResponse
 }
 
 // wipe registers b to be zeroed once the response is written.
@@ -113,6 +117,54 @@ func (c *call) wipeAll() {
 	for _, b := range c.secrets {
 		clear(b)
 	}
+	if c.resp != nil {
+		c.resp.release()
+	}
+}
+
+// secret starts a response that will carry plaintext: pt is locked memory
+// for the HSM to write it into.
+func (c *call) secret(ctx context.Context) (*secretResponse, []byte, error) {
+	r, pt, err := c.s.newSecret(ctx)
+	if err == nil {
+		c.resp = r
+	}
+	return r, pt, err
+}
+
+// recipientInfo is the request's Recipient (AWS's RecipientInfo).
+type recipientInfo struct {
+	KeyEncryptionAlgorithm string
+	AttestationDocument    []byte
+}
+
+// recipient parses the request's Recipient; nil when there is none. A
+// caller that must use one and did not is refused.
+func (c *call) recipient(op string, in *request) (*recipient.PublicKey, error) {
+	if in.Recipient == nil || string(in.Recipient) == "null" {
+		if c.requireRecipient {
+			return nil, &apiError{Type: "AccessDeniedException", Message: fmt.Sprintf(
+				"%s must call %s with a Recipient (require_recipient): this KMS sends it no plaintext key", c.who, op)}
+		}
+		return nil, nil
+	}
+	var ri recipientInfo
+	if err := json.Unmarshal(in.Recipient, &ri); err != nil {
+		return nil, &apiError{Type: "SerializationException", Message: "Recipient: " + err.Error()}
+	}
+	switch ri.KeyEncryptionAlgorithm {
+	case "", recipient.KeyEncryptionAlgorithm:
+	default:
+		return nil, validation("Recipient KeyEncryptionAlgorithm %q is not %s", ri.KeyEncryptionAlgorithm, recipient.KeyEncryptionAlgorithm)
+	}
+	if len(ri.AttestationDocument) == 0 {
+		return nil, validation("Recipient has no AttestationDocument")
+	}
+	to, err := recipient.ParseDocument(ri.AttestationDocument)
+	if err != nil {
+		return nil, validation("Recipient AttestationDocument: %v", err)
+	}
+	return to, nil
 }
 
 // op serves one operation.
@@ -535,16 +587,33 @@ func (c *call) generateDataKey(ctx context.Context, in *request) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	if in.Recipient != nil {
-		return nil, unsupported("Recipient (Nitro Enclaves attestation) is not supported")
-	}
-	pt := make([]byte, n)
-	c.wipe(pt)
-	blob, arn, err := c.k.GenerateDataKey(ctx, in.KeyId, in.EncryptionContext, pt)
+	to, err := c.recipient("GenerateDataKey", in)
 	if err != nil {
 		return nil, err
 	}
-	return map[string]any{"CiphertextBlob": blob, "Plaintext": pt, "KeyId": arn}, nil
+	if to != nil {
+		blob, env, arn, err := c.k.GenerateDataKeyForRecipient(ctx, in.KeyId, in.EncryptionContext, n, to)
+		if err != nil {
+			return nil, err
+		}
+		return map[string]any{"CiphertextBlob": blob, "CiphertextForRecipient": env, "KeyId": arn}, nil
+	}
+	r, pt, err := c.secret(ctx)
+	if err != nil {
+		return nil, err
+	}
+	// Shielded: no signal frame keeps a register's worth of the plaintext.
+	shield.Run(func() {
+		var blob []byte
+		var arn string
+		if blob, arn, err = c.k.GenerateDataKey(ctx, in.KeyId, in.EncryptionContext, pt[:n]); err == nil {
+			err = r.build(map[string]any{"CiphertextBlob": blob, "KeyId": arn}, pt[:n])
+		}
+	})
+	if err != nil {
+		return nil, err
+	}
+	return r, nil
 }
 
 func (c *call) generateDataKeyWithoutPlaintext(ctx context.Context, in *request) (any, error) {
@@ -624,19 +693,35 @@ func (c *call) decrypt(ctx context.Context, in *request) (any, error) {
 	if err := checkAlgorithm("EncryptionAlgorithm", in.EncryptionAlgorithm); err != nil {
 		return nil, err
 	}
-	if in.Recipient != nil {
-		return nil, unsupported("Recipient (Nitro Enclaves attestation) is not supported")
+	to, err := c.recipient("Decrypt", in)
+	if err != nil {
+		return nil, err
 	}
 	if err := c.checkBlobKey(ctx, "KeyId", in.KeyId, in.CiphertextBlob); err != nil {
 		return nil, err
 	}
-	pt := make([]byte, maxPlaintext)
-	c.wipe(pt)
-	n, arn, err := c.k.DecryptN(ctx, in.CiphertextBlob, in.EncryptionContext, pt)
+	if to != nil {
+		env, arn, err := c.k.DecryptForRecipient(ctx, in.CiphertextBlob, in.EncryptionContext, to)
+		if err != nil {
+			return nil, err
+		}
+		return map[string]any{"CiphertextForRecipient": env, "KeyId": arn, "EncryptionAlgorithm": symmetricDefault}, nil
+	}
+	r, pt, err := c.secret(ctx)
 	if err != nil {
 		return nil, err
 	}
-	return map[string]any{"Plaintext": pt[:n], "KeyId": arn, "EncryptionAlgorithm": symmetricDefault}, nil
+	shield.Run(func() {
+		var n int
+		var arn string
+		if n, arn, err = c.k.DecryptN(ctx, in.CiphertextBlob, in.EncryptionContext, pt[:maxPlaintext]); err == nil {
+			err = r.build(map[string]any{"KeyId": arn, "EncryptionAlgorithm": symmetricDefault}, pt[:n])
+		}
+	})
+	if err != nil {
+		return nil, err
+	}
+	return r, nil
 }
 
 func (c *call) reEncrypt(ctx context.Context, in *request) (any, error) {

@@ -24,6 +24,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/kms"
 	"github.com/aws/aws-sdk-go-v2/service/kms/types"
 	"github.com/hemd/hemd/kmsclient/hsm"
+	"github.com/hemd/hemd/kmsclient/recipient"
 )
 
 // Issue 13.4 through the wire: requests that fail, each in its own way, sent
@@ -129,6 +130,12 @@ func TestBadRequestsOverTheWire(t *testing.T) {
 	ctx := context.Background()
 	admin := poisonSDK(url, poisonAdminKey, poisonAdminSecret)
 	host := poisonSDK(url, poisonHostKey, poisonHostSecret)
+	kp, err := recipient.GenerateKeyPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kp.Destroy()
+	rcpt := &types.RecipientInfo{KeyEncryptionAlgorithm: types.KeyEncryptionMechanismRsaesOaepSha256, AttestationDocument: kp.Document()}
 	vol := map[string]string{"aws:ebs:id": "vol-0123456789abcdef0"}
 	volA := map[string]string{"aws:ebs:id": "vol-aaaaaaaaaaaaaaaaa"}
 	volB := map[string]string{"aws:ebs:id": "vol-bbbbbbbbbbbbbbbbb"}
@@ -180,7 +187,11 @@ func TestBadRequestsOverTheWire(t *testing.T) {
 	}
 	dec := func(c *kms.Client, blob []byte, ectx map[string]string) func() error {
 		return func() error {
-			_, err := c.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: blob, EncryptionContext: ectx})
+			in := &kms.DecryptInput{CiphertextBlob: blob, EncryptionContext: ectx}
+			if c == host { // a grants-only host names a recipient
+				in.Recipient = rcpt
+			}
+			_, err := c.Decrypt(ctx, in)
 			return err
 		}
 	}
@@ -280,6 +291,19 @@ func TestBadRequestsOverTheWire(t *testing.T) {
 			return err
 		}, []string{"AccessDeniedException"}},
 		// A grants-only host: outside its grant, and bad blobs under it.
+		{"host Decrypt without a Recipient", func() error {
+			_, err := host.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: blobA, EncryptionContext: volA})
+			return err
+		}, []string{"AccessDeniedException"}},
+		{"host Decrypt for a recipient without a document", func() error {
+			_, err := host.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: blobA, EncryptionContext: volA, Recipient: &types.RecipientInfo{}})
+			return err
+		}, []string{"ValidationException"}},
+		{"host Decrypt for a recipient with a Nitro document", func() error {
+			_, err := host.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: blobA, EncryptionContext: volA,
+				Recipient: &types.RecipientInfo{AttestationDocument: []byte{0x84, 0x44, 0xa1, 0x01, 0x38, 0x22}}})
+			return err
+		}, []string{"ValidationException"}},
 		{"host Decrypt of another volume's key", dec(host, blobB, volB), []string{"AccessDeniedException"}},
 		{"host Decrypt with another context", dec(host, blobA, volB), []string{"AccessDeniedException"}},
 		{"host Decrypt of an oversized blob", dec(host, append(bytes.Clone(blobA), poisonRand(5000)...), volA), tooLong},
@@ -360,11 +384,15 @@ func TestBadRequestsOverTheWire(t *testing.T) {
 			return err
 		default:
 			// The host's attach: the one thing its grant allows.
-			out, err := host.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: blobA, EncryptionContext: volA})
-			if err == nil && !bytes.Equal(out.Plaintext, aPT) {
-				err = errors.New("wrong plaintext")
+			out, err := host.Decrypt(ctx, &kms.DecryptInput{CiphertextBlob: blobA, EncryptionContext: volA, Recipient: rcpt})
+			if err != nil {
+				return err
 			}
-			return err
+			got := make([]byte, 64)
+			if n, err := kp.Open(out.CiphertextForRecipient, got); err != nil || !bytes.Equal(got[:n], aPT) {
+				return fmt.Errorf("wrong plaintext for the recipient (%v)", err)
+			}
+			return nil
 		}
 	}
 	jobs := make(chan int)

@@ -9,6 +9,7 @@ package awsjson
 import (
 	"context"
 	"crypto/rand"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,7 +17,9 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hemd/hemd/kmsclient/hsm"
@@ -31,6 +34,29 @@ type Principal struct {
 	// GrantsOnly principals (a host's hemd) may only use keys through
 	// grants that name them, within the grants' context constraints.
 	GrantsOnly bool `toml:"grants_only"`
+	// RequireRecipient: the principal's Decrypt and GenerateDataKey must
+	// name a Recipient, so that no plaintext key is ever sent to it. The
+	// default is GrantsOnly's value.
+	RequireRecipient *bool `toml:"require_recipient"`
+}
+
+// MustUseRecipient reports whether p's plaintext-returning calls must name
+// a Recipient.
+func (p *Principal) MustUseRecipient() bool {
+	if p.RequireRecipient != nil {
+		return *p.RequireRecipient
+	}
+	return p.GrantsOnly
+}
+
+// certNames are the names a client certificate gives its holder: its
+// subject's common name and its DNS and URI names.
+func certNames(c *x509.Certificate) []string {
+	names := append([]string{c.Subject.CommonName}, c.DNSNames...)
+	for _, u := range c.URIs {
+		names = append(names, u.String())
+	}
+	return names
 }
 
 // Server is the KMS's HTTP handler.
@@ -44,6 +70,9 @@ type Server struct {
 	// own uid).
 	UnixUIDs []int
 	Log      *slog.Logger
+
+	secretsOnce sync.Once
+	secrets     *secretPool // locked memory of responses with plaintext
 }
 
 // maxBody is the largest request body read (Encrypt's 4096 bytes of
@@ -128,7 +157,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, &apiError{Type: "ValidationException", Message: fmt.Sprintf("request body larger than %d bytes", maxBody), status: http.StatusRequestEntityTooLarge})
 		return
 	}
-	who, grantsOnly, aerr := s.authenticate(r, body)
+	who, p, aerr := s.authenticate(r, body)
 	if aerr != nil {
 		if s.Log != nil {
 			s.Log.Warn("kms request refused", "remote", r.RemoteAddr, "err", aerr)
@@ -142,7 +171,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, &apiError{Type: "UnknownOperationException", Message: fmt.Sprintf("X-Amz-Target %q is not TrentService.<operation>", target)})
 		return
 	}
-	c := &call{s: s, k: s.KMS, who: who, grantsOnly: grantsOnly}
+	c := &call{s: s, k: s.KMS, who: who}
+	if p != nil {
+		c.grantsOnly, c.requireRecipient = p.GrantsOnly, p.MustUseRecipient()
+	}
 	defer c.wipeAll()
 	out, err := c.dispatch(hsm.WithPrincipal(r.Context(), principalOf(r, who)), op, body)
 	if err != nil {
@@ -153,12 +185,16 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, e)
 		return
 	}
+	if sr, ok := out.(*secretResponse); ok {
+		sr.write(w) // plaintext: built and sent from locked memory
+		return
+	}
 	b, err := json.Marshal(out)
 	if err != nil {
 		s.fail(w, asAPIError(err))
 		return
 	}
-	c.wipe(b) // a Decrypt or GenerateDataKey response holds plaintext
+	c.wipe(b) // GenerateRandom's bytes
 	w.Header().Set("Content-Type", "application/x-amz-json-1.1")
 	w.Write(b)
 }
@@ -183,8 +219,9 @@ func principalOf(r *http.Request, who string) hsm.Principal {
 }
 
 // authenticate identifies the caller: a unix-socket peer by uid, a TCP one
-// by its SigV4 signature.
-func (s *Server) authenticate(r *http.Request, body []byte) (string, bool, *apiError) {
+// by its SigV4 signature, and, over mutual TLS, by a client certificate
+// that must name the same principal.
+func (s *Server) authenticate(r *http.Request, body []byte) (string, *Principal, *apiError) {
 	if cred, ok := r.Context().Value(ctxKey{}).(*unix.Ucred); ok {
 		uids := s.UnixUIDs
 		if len(uids) == 0 {
@@ -192,16 +229,23 @@ func (s *Server) authenticate(r *http.Request, body []byte) (string, bool, *apiE
 		}
 		for _, u := range uids {
 			if int(cred.Uid) == u {
-				return fmt.Sprintf("uid:%d", cred.Uid), false, nil
+				return fmt.Sprintf("uid:%d", cred.Uid), nil, nil
 			}
 		}
-		return "", false, &apiError{Type: "AccessDeniedException", Message: fmt.Sprintf("uid %d may not use this KMS", cred.Uid)}
+		return "", nil, &apiError{Type: "AccessDeniedException", Message: fmt.Sprintf("uid %d may not use this KMS", cred.Uid)}
 	}
 	p, err := s.verifySigV4(r, body, time.Now())
 	if err != nil {
-		return "", false, err
+		return "", nil, err
 	}
-	return p.Name, p.GrantsOnly, nil
+	if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+		leaf := r.TLS.PeerCertificates[0]
+		if !slices.Contains(certNames(leaf), p.Name) {
+			return "", nil, &apiError{Type: "AccessDeniedException", Message: fmt.Sprintf(
+				"the client certificate (CN=%q) does not name principal %q, which signed the request", leaf.Subject.CommonName, p.Name)}
+		}
+	}
+	return p.Name, p, nil
 }
 
 // SigningRegion is the region requests must be signed for.

@@ -93,10 +93,18 @@ func (k *KMS) recordLocked(ctx context.Context, op, arn string, ectx map[string]
 }
 
 func (k *KMS) record(ctx context.Context, op, arn string, ectx map[string]string, err error) {
+	k.recordWith(ctx, op, arn, ectx, nil, err)
+}
+
+// recordWith is record with more request parameters (a recipient's).
+func (k *KMS) recordWith(ctx context.Context, op, arn string, ectx map[string]string, extra map[string]any, err error) {
 	if k.audit == nil {
 		return
 	}
 	params := map[string]any{}
+	for name, v := range extra {
+		params[name] = v
+	}
 	if arn != "" {
 		params["keyId"] = arn
 	}

@@ -7,14 +7,16 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
 	"time"
 )
 
-// TestBlobFields breaks one field of a real blob at a time and expects
-// exactly one error, type and message, from Decrypt.
+// TestBlobFields breaks one field of a real blob at a time, of each
+// version (a data key is a version 2 blob, Encrypt's a version 1), and
+// expects exactly one error, type and message, from Decrypt.
 func TestBlobFields(t *testing.T) {
 	k, _ := open(t)
 	ctx := context.Background()
@@ -22,9 +24,16 @@ func TestBlobFields(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	good, _, err := k.GenerateDataKeyWithoutPlaintext(ctx, m.KeyID, vol)
+	v2, _, err := k.GenerateDataKeyWithoutPlaintext(ctx, m.KeyID, vol)
 	if err != nil {
 		t.Fatal(err)
+	}
+	v1, _, err := k.Encrypt(ctx, m.KeyID, vol, bytes.Repeat([]byte{1}, 64))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v1[4] != blobV1 || v2[4] != blobV2 || len(v2) != headerLen+72 {
+		t.Fatalf("blob versions %d (Encrypt) and %d (data key, %d bytes)", v1[4], v2[4], len(v2))
 	}
 	const mismatch = "the ciphertext or its encryption context does not match"
 	unknown := uuidBytes("11111111-2222-4333-8444-555555555555")
@@ -32,42 +41,58 @@ func TestBlobFields(t *testing.T) {
 		name   string
 		mutate func(b []byte) []byte
 		want   *Error
+		v2Want *Error // where version 2 differs
 	}{
 		{"empty", func(b []byte) []byte { return nil },
-			&Error{"InvalidCiphertextException", "ciphertext blob of 0 bytes is too short"}},
+			&Error{"InvalidCiphertextException", "ciphertext blob of 0 bytes is too short"}, nil},
 		{"header only", func(b []byte) []byte { return b[:headerLen] },
-			&Error{"InvalidCiphertextException", "ciphertext blob of 38 bytes is too short"}},
+			&Error{"InvalidCiphertextException", "ciphertext blob of 38 bytes is too short"}, nil},
 		{"no ciphertext, tag only", func(b []byte) []byte { return b[:headerLen+tagLen] },
-			&Error{"InvalidCiphertextException", "ciphertext blob of 54 bytes is too short"}},
+			&Error{"InvalidCiphertextException", "ciphertext blob of 54 bytes is too short"},
+			&Error{"InvalidCiphertextException", mismatch}}, // the shortest key wrap
+		{"one byte short of the shortest", func(b []byte) []byte { return b[:headerLen+tagLen-1] },
+			&Error{"InvalidCiphertextException", "ciphertext blob of 53 bytes is too short"}, nil},
 		{"magic", func(b []byte) []byte { b[1] = 'X'; return b },
-			&Error{"InvalidCiphertextException", "ciphertext blob has a bad magic"}},
-		{"version", func(b []byte) []byte { b[4] = 2; return b },
-			&Error{"InvalidCiphertextException", "ciphertext blob version 2 is not supported"}},
+			&Error{"InvalidCiphertextException", "ciphertext blob has a bad magic"}, nil},
+		{"version", func(b []byte) []byte { b[4] = 3; return b },
+			&Error{"InvalidCiphertextException", "ciphertext blob version 3 is not supported"}, nil},
+		{"other version", func(b []byte) []byte { b[4] = 3 - b[4]; return b },
+			&Error{"InvalidCiphertextException", "ciphertext blob algorithm 1 is not supported"},
+			&Error{"InvalidCiphertextException", "ciphertext blob algorithm 2 is not supported"}},
 		{"algorithm", func(b []byte) []byte { b[5] = 7; return b },
-			&Error{"InvalidCiphertextException", "ciphertext blob algorithm 7 is not supported"}},
+			&Error{"InvalidCiphertextException", "ciphertext blob algorithm 7 is not supported"}, nil},
 		{"key id", func(b []byte) []byte { copy(b[6:22], unknown[:]); return b },
-			&Error{"NotFoundException", ""}},
+			&Error{"NotFoundException", ""}, nil},
 		{"backing-key version 0", func(b []byte) []byte { binary.BigEndian.PutUint32(b[22:26], 0); return b },
-			&Error{"InvalidCiphertextException", "ciphertext names backing key version 0 of " + m.Arn}},
+			&Error{"InvalidCiphertextException", "ciphertext names backing key version 0 of " + m.Arn}, nil},
 		{"backing-key version ahead", func(b []byte) []byte { binary.BigEndian.PutUint32(b[22:26], 9); return b },
-			&Error{"InvalidCiphertextException", "ciphertext names backing key version 9 of " + m.Arn}},
-		{"IV", func(b []byte) []byte { b[30] ^= 0x80; return b }, &Error{"InvalidCiphertextException", mismatch}},
-		{"ciphertext", func(b []byte) []byte { b[headerLen] ^= 0x80; return b }, &Error{"InvalidCiphertextException", mismatch}},
-		{"tag", func(b []byte) []byte { b[len(b)-1] ^= 0x80; return b }, &Error{"InvalidCiphertextException", mismatch}},
-		{"truncated tag", func(b []byte) []byte { return b[:len(b)-1] }, &Error{"InvalidCiphertextException", mismatch}},
-		{"trailing byte", func(b []byte) []byte { return append(b, 0) }, &Error{"InvalidCiphertextException", mismatch}},
+			&Error{"InvalidCiphertextException", "ciphertext names backing key version 9 of " + m.Arn}, nil},
+		{"IV", func(b []byte) []byte { b[30] ^= 0x80; return b }, &Error{"InvalidCiphertextException", mismatch}, nil},
+		{"ciphertext", func(b []byte) []byte { b[headerLen] ^= 0x80; return b }, &Error{"InvalidCiphertextException", mismatch}, nil},
+		{"tag", func(b []byte) []byte { b[len(b)-1] ^= 0x80; return b }, &Error{"InvalidCiphertextException", mismatch}, nil},
+		{"truncated tag", func(b []byte) []byte { return b[:len(b)-1] }, &Error{"InvalidCiphertextException", mismatch},
+			&Error{"InvalidCiphertextException", "ciphertext blob version 2 wraps 71 bytes: not a wrapped data key"}},
+		{"trailing byte", func(b []byte) []byte { return append(b, 0) }, &Error{"InvalidCiphertextException", mismatch},
+			&Error{"InvalidCiphertextException", "ciphertext blob version 2 wraps 73 bytes: not a wrapped data key"}},
+		{"trailing block", func(b []byte) []byte { return append(b, make([]byte, 8)...) }, &Error{"InvalidCiphertextException", mismatch}, nil},
 	}
-	for _, c := range cases {
-		t.Run(c.name, func(t *testing.T) {
-			_, err := k.Decrypt(ctx, c.mutate(append([]byte(nil), good...)), vol, make([]byte, 64))
-			var ke *Error
-			if !errors.As(err, &ke) || ke.Type != c.want.Type || (c.want.Message != "" && ke.Message != c.want.Message) {
-				t.Fatalf("got %v, want %v", err, c.want)
-			}
-		})
-	}
-	if _, err := k.Decrypt(ctx, good, vol, make([]byte, 64)); err != nil {
-		t.Fatalf("the unbroken blob: %v", err)
+	for _, good := range [][]byte{v1, v2} {
+		for _, c := range cases {
+			t.Run(fmt.Sprintf("v%d/%s", good[4], c.name), func(t *testing.T) {
+				want := c.want
+				if good[4] == blobV2 && c.v2Want != nil {
+					want = c.v2Want
+				}
+				_, err := k.Decrypt(ctx, c.mutate(append([]byte(nil), good...)), vol, make([]byte, 64))
+				var ke *Error
+				if !errors.As(err, &ke) || ke.Type != want.Type || (want.Message != "" && ke.Message != want.Message) {
+					t.Fatalf("got %v, want %v", err, want)
+				}
+			})
+		}
+		if _, err := k.Decrypt(ctx, good, vol, make([]byte, 64)); err != nil {
+			t.Fatalf("the unbroken blob: %v", err)
+		}
 	}
 }
 

@@ -96,6 +96,22 @@ func newRawOps(module string, cryptoki3 bool) (*rawOps, error) {
 	return r, nil
 }
 
+// functions returns the functions of module's function list at the given
+// indices (nil for one it lacks), or nil when the list cannot be had.
+func functions(module string, idx ...int) []unsafe.Pointer {
+	cm := C.CString(module)
+	defer C.free(unsafe.Pointer(cm))
+	list := C.hemd_function_list(cm)
+	if list == nil {
+		return nil
+	}
+	out := make([]unsafe.Pointer, len(idx))
+	for i, x := range idx {
+		out[i] = C.hemd_fn(list, C.int(x))
+	}
+	return out
+}
+
 // symbol is a function of the module as it exports it by name (tests check
 // that the function list gives the same functions).
 func symbol(module, name string) unsafe.Pointer {

@@ -84,7 +84,9 @@ type KMS struct {
 	audit    *auditLog
 	caller   string
 	raw      *rawOps
+	keys     *keyOps
 	dec      *lockedDecrypt
+	ws       *workspaces                 // locked memory for Decrypt for a recipient
 	log      atomic.Pointer[slog.Logger] // SetLogger
 	// sessionHook, when set (by tests, before any operation), is told
 	// which pooled session serves each operation.
@@ -159,10 +161,15 @@ func Open(cfg Config, stateDir string) (*KMS, error) {
 		k.Close()
 		return nil, err
 	}
+	if k.keys, err = newKeyOps(cfg.Module); err != nil {
+		k.Close()
+		return nil, err
+	}
 	if k.dec, err = newLockedDecrypt(k.raw); err != nil {
 		k.Close()
 		return nil, err
 	}
+	k.ws = newWorkspaces(poolSize)
 	if err := k.loadMeta(); err != nil {
 		k.Close()
 		return nil, err
@@ -363,6 +370,7 @@ func (k *KMS) Close() error {
 	}
 	k.p.CloseAllSessions(k.slot)
 	k.dec.close()
+	k.ws.close()
 	k.p.Finalize()
 	k.p.Destroy()
 	k.p = nil
@@ -428,6 +436,8 @@ func (k *KMS) generateBackingKey(ctx context.Context, id string, version uint32)
 			pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
 			pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
 			pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
+			// Version 2 blobs' key-encryption keys are derived from it.
+			pkcs11.NewAttribute(pkcs11.CKA_DERIVE, true),
 			pkcs11.NewAttribute(pkcs11.CKA_LABEL, label(id, version)),
 		}
 		_, err := k.p.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, tmpl)

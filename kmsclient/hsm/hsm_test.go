@@ -269,12 +269,14 @@ func TestAudit(t *testing.T) {
 }
 
 func TestBlobErrors(t *testing.T) {
-	good := (&blob{version: 1, iv: make([]byte, 12), ct: make([]byte, 80)}).encode()
+	good := (&blob{ver: blobV1, version: 1, iv: make([]byte, 12), ct: make([]byte, 80)}).encode()
 	cases := map[string]func(b []byte) []byte{
-		"short":     func(b []byte) []byte { return b[:40] },
-		"magic":     func(b []byte) []byte { b[0] = 'X'; return b },
-		"version":   func(b []byte) []byte { b[4] = 9; return b },
-		"algorithm": func(b []byte) []byte { b[5] = 9; return b },
+		"v2 algorithm":   func(b []byte) []byte { b[4] = blobV2; return b },
+		"v1 algorithm 2": func(b []byte) []byte { b[5] = algKWPDerived; return b },
+		"short":          func(b []byte) []byte { return b[:40] },
+		"magic":          func(b []byte) []byte { b[0] = 'X'; return b },
+		"version":        func(b []byte) []byte { b[4] = 9; return b },
+		"algorithm":      func(b []byte) []byte { b[5] = 9; return b },
 	}
 	for name, f := range cases {
 		if _, err := decodeBlob(f(append([]byte(nil), good...))); !errors.Is(err, ErrInvalidCiphertext) {
@@ -284,13 +286,25 @@ func TestBlobErrors(t *testing.T) {
 	if _, err := decodeBlob(good); err != nil {
 		t.Fatal(err)
 	}
+	v2 := (&blob{ver: blobV2, version: 1, iv: make([]byte, 12), ct: make([]byte, 72)}).encode()
+	if _, err := decodeBlob(v2); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range [][]byte{v2[:len(v2)-1], append(v2, 0), append(v2, make([]byte, maxWrapped)...)} {
+		if _, err := decodeBlob(bad); !errors.Is(err, ErrInvalidCiphertext) {
+			t.Errorf("v2 blob of %d bytes: %v", len(bad), err)
+		}
+	}
 }
 
 func FuzzDecodeBlob(f *testing.F) {
-	f.Add((&blob{version: 1, iv: make([]byte, 12), ct: make([]byte, 80)}).encode())
+	f.Add((&blob{ver: blobV1, version: 1, iv: make([]byte, 12), ct: make([]byte, 80)}).encode())
+	f.Add((&blob{ver: blobV2, version: 1, iv: make([]byte, 12), ct: make([]byte, 72)}).encode())
 	f.Fuzz(func(t *testing.T, p []byte) {
 		b, err := decodeBlob(p)
-		if err == nil && (len(b.iv) != ivLen || len(b.header) != headerLen || len(b.ct) < tagLen) {
+		if err == nil && (len(b.iv) != ivLen || len(b.header) != headerLen || len(b.ct) < 16 ||
+			b.ver == blobV1 && len(b.ct) <= tagLen ||
+			b.ver == blobV2 && (len(b.ct)%8 != 0 || len(b.ct) > maxWrapped)) {
 			t.Fatalf("accepted a malformed blob")
 		}
 	})

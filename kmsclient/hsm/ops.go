@@ -385,18 +385,18 @@ func (k *KMS) GenerateDataKeyWithoutPlaintextN(ctx context.Context, ref string, 
 }
 
 func (k *KMS) generate(ctx context.Context, ref string, ectx map[string]string, n int) ([]byte, string, error) {
-	if n < 1 || n > 1024 {
-		return nil, "", kmsErr(ErrValidation, "NumberOfBytes %d is not in 1..1024", n)
-	}
 	var blob []byte
 	var arn string
+	if n < 1 || n > maxDataKey {
+		return nil, "", kmsErr(ErrValidation, "NumberOfBytes %d is not in 1..%d", n, maxDataKey)
+	}
 	err := k.withSession(ctx, func(sh pkcs11.SessionHandle) error {
-		dek, err := k.p.GenerateRandom(sh, n)
-		if err != nil {
-			return err
+		var err error
+		if v2Size(n) {
+			blob, arn, err = k.generateV2On(sh, ref, ectx, n, false, nil)
+		} else {
+			blob, arn, err = k.generateV1On(ctx, sh, ref, ectx, n, nil)
 		}
-		defer clear(dek)
-		blob, arn, err = k.wrapOn(ctx, sh, ref, ectx, dek)
 		return err
 	})
 	return blob, arn, internal(err)
@@ -453,39 +453,44 @@ func (k *KMS) wrapOn(ctx context.Context, sh pkcs11.SessionHandle, ref string, e
 	if err != nil {
 		return nil, m.Arn, err
 	}
-	hdr := headerOf(uuidBytes(id), version, iv)
+	hdr := headerOf(blobV1, uuidBytes(id), version, iv)
 	params := pkcs11.NewGCMParams(iv, aad(hdr, ectx), tagLen*8)
 	defer params.Free()
 	if err := k.p.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, obj); err != nil {
 		return nil, m.Arn, err
 	}
-	ct, err := k.p.Encrypt(sh, plaintext)
-	if err != nil {
-		return nil, m.Arn, k.abandon(sh, opEncrypt, err)
+	// C_Encrypt called directly on the caller's plaintext (ReEncrypt's is
+	// in locked memory): miekg/pkcs11 would leave a copy in the C heap.
+	out := make([]byte, len(hdr)+len(plaintext)+tagLen)
+	copy(out, hdr)
+	n, rv := crypt(k.raw.encrypt, sh, plaintext, out[len(hdr):])
+	if rv != pkcs11.CKR_OK {
+		return nil, m.Arn, k.abandon(sh, opEncrypt, rv)
 	}
-	return append(hdr, ct...), m.Arn, nil
+	return out[:len(hdr)+n], m.Arn, nil
 }
 
-// GenerateDataKey returns a new data key of n bytes in plaintext (into dst)
-// and wrapped.
+// GenerateDataKey returns a new data key of len(dst) bytes in plaintext
+// (into dst, which should be locked memory: the HSM writes it there) and
+// wrapped (a version 2 blob, or version 1 for sizes v2Size refuses).
 func (k *KMS) GenerateDataKey(ctx context.Context, ref string, ectx map[string]string, dst []byte) ([]byte, string, error) {
 	var blob []byte
 	var arn string
-	if len(dst) < 1 || len(dst) > 1024 {
-		err := kmsErr(ErrValidation, "NumberOfBytes %d is not in 1..1024", len(dst))
+	if len(dst) < 1 || len(dst) > maxDataKey {
+		err := kmsErr(ErrValidation, "NumberOfBytes %d is not in 1..%d", len(dst), maxDataKey)
 		k.record(ctx, "GenerateDataKey", "", ectx, err)
 		return nil, "", err
 	}
 	err := k.withSession(ctx, func(sh pkcs11.SessionHandle) error {
-		dek, err := k.p.GenerateRandom(sh, len(dst))
-		if err != nil {
+		var err error
+		if !v2Size(len(dst)) {
+			blob, arn, err = k.generateV1On(ctx, sh, ref, ectx, len(dst), dst)
 			return err
 		}
-		defer clear(dek)
-		blob, arn, err = k.wrapOn(ctx, sh, ref, ectx, dek)
-		if err == nil {
-			copy(dst, dek)
-		}
+		blob, arn, err = k.generateV2On(sh, ref, ectx, len(dst), true, func(dk pkcs11.ObjectHandle) error {
+			_, err := k.keys.value(sh, dk, dst)
+			return err
+		})
 		return err
 	})
 	err = internal(err)
@@ -501,21 +506,80 @@ func (k *KMS) Encrypt(ctx context.Context, ref string, ectx map[string]string, p
 }
 
 // ReEncrypt decrypts a blob and encrypts its plaintext under another key
-// and context, inside this process's locked scratch memory.
+// and context. A version 2 blob (a data key) becomes a version 2 blob
+// without its plaintext leaving the HSM; a version 1 blob is decrypted into
+// this process's locked scratch memory and encrypted again from there.
 func (k *KMS) ReEncrypt(ctx context.Context, blob []byte, srcCtx map[string]string, dstRef string, dstCtx map[string]string) ([]byte, string, error) {
-	pt := k.dec.lockedBuf()
-	defer k.dec.releaseBuf(pt)
-	n, srcARN, err := k.decrypt(ctx, blob, srcCtx, pt)
 	var out []byte
 	var arn string
-	if err == nil {
-		out, arn, err = k.wrap(ctx, dstRef, dstCtx, pt[:n])
+	b, m, err := k.checkBlob(blob)
+	switch {
+	case err != nil:
+		arn = arnOf(m)
+	case b.ver == blobV2:
+		out, arn, err = k.reEncryptV2(ctx, b, m, srcCtx, dstRef, dstCtx)
+	default:
+		pt := k.dec.lockedBuf()
+		var n int
+		n, _, err = k.decrypt(ctx, blob, srcCtx, pt)
+		if err == nil {
+			out, arn, err = k.wrap(ctx, dstRef, dstCtx, pt[:n])
+		}
+		k.dec.releaseBuf(pt)
 	}
 	if arn == "" {
-		arn = srcARN
+		arn = arnOf(m)
 	}
 	k.record(ctx, "ReEncrypt", arn, dstCtx, err)
 	return out, arn, err
+}
+
+// reEncryptV2 unwraps a version 2 blob inside the HSM and wraps the key
+// object under the destination key and context.
+func (k *KMS) reEncryptV2(ctx context.Context, b *blob, src *KeyMetadata, srcCtx map[string]string, dstRef string, dstCtx map[string]string) ([]byte, string, error) {
+	if err := validateContext(dstCtx); err != nil {
+		return nil, "", err
+	}
+	var out []byte
+	var arn string
+	err := k.withSession(ctx, func(sh pkcs11.SessionHandle) error {
+		cmk, err := k.findKey(sh, src.KeyID, b.version)
+		if err != nil {
+			return err
+		}
+		dk, err := k.unwrapV2On(sh, cmk, b, srcCtx, false)
+		if err != nil {
+			return err
+		}
+		defer k.destroy(sh, dk)
+		m, id, version, err := k.wrappingKey(dstRef)
+		if err != nil {
+			arn = arnOf(m)
+			return err
+		}
+		arn = m.Arn
+		nonce, err := k.p.GenerateRandom(sh, ivLen)
+		if err != nil {
+			return err
+		}
+		dcmk, err := k.findKey(sh, id, version)
+		if err != nil {
+			return err
+		}
+		hdr := headerOf(blobV2, uuidBytes(id), version, nonce)
+		kek, err := k.kek(sh, dcmk, hdr, dstCtx)
+		if err != nil {
+			return err
+		}
+		defer k.destroy(sh, kek)
+		wrapped, err := k.p.WrapKey(sh, kwp, kek, dk)
+		if err != nil {
+			return err
+		}
+		out = append(hdr, wrapped...)
+		return nil
+	})
+	return out, arn, k.decryptErr(err)
 }
 
 // Decrypt unwraps a blob made by GenerateDataKeyWithoutPlaintext inside the
@@ -533,13 +597,16 @@ func (k *KMS) DecryptN(ctx context.Context, blobBytes []byte, ectx map[string]st
 	return n, arn, err
 }
 
-func (k *KMS) decrypt(ctx context.Context, blobBytes []byte, ectx map[string]string, dst []byte) (int, string, error) {
+// checkBlob decodes a blob and checks its key: it exists, is Enabled and
+// has the backing-key version the blob names.
+func (k *KMS) checkBlob(blobBytes []byte) (*blob, *KeyMetadata, error) {
 	b, err := decodeBlob(blobBytes)
 	if err != nil {
-		return 0, "", err
+		return nil, nil, err
 	}
 	id := uuidString(b.keyID)
 	k.mu.Lock()
+	defer k.mu.Unlock()
 	m, err := k.resolve(id)
 	if err == nil {
 		err = usable(m)
@@ -547,42 +614,73 @@ func (k *KMS) decrypt(ctx context.Context, blobBytes []byte, ectx map[string]str
 			err = kmsErr(ErrInvalidCiphertext, "ciphertext names backing key version %d of %s", b.version, m.Arn)
 		}
 	}
-	k.mu.Unlock()
+	return b, m, err
+}
+
+func (k *KMS) decrypt(ctx context.Context, blobBytes []byte, ectx map[string]string, dst []byte) (int, string, error) {
+	b, m, err := k.checkBlob(blobBytes)
 	if err != nil {
 		return 0, arnOf(m), err
 	}
-	// decodeBlob bounded the blob before C_DecryptInit, so the scratch holds
-	// any plaintext: C_Decrypt runs to the end (tag checked) even when dst
-	// is too small, and a tampered blob is InvalidCiphertextException.
 	n := 0
 	err = k.withSession(ctx, func(sh pkcs11.SessionHandle) error {
-		obj, err := k.findKey(sh, id, b.version)
+		cmk, err := k.findKey(sh, m.KeyID, b.version)
 		if err != nil {
 			return err
 		}
-		params := pkcs11.NewGCMParams(b.iv, aad(b.header, ectx), tagLen*8)
-		defer params.Free()
-		if err := k.p.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, obj); err != nil {
+		if b.ver == blobV2 {
+			dk, err := k.unwrapV2On(sh, cmk, b, ectx, true)
+			if err != nil {
+				return err
+			}
+			defer k.destroy(sh, dk)
+			n, err = k.keys.value(sh, dk, dst)
 			return err
 		}
-		if n, err = k.dec.decrypt(sh, b.ct, dst); err != nil {
-			return k.abandon(sh, opDecrypt, err)
-		}
-		return nil
+		n, err = k.gcmDecryptOn(sh, cmk, b, ectx, dst)
+		return err
 	})
-	if err != nil {
-		var ke *Error
-		if errors.As(err, &ke) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
-			return 0, m.Arn, err
-		}
-		var pe pkcs11.Error
-		// SoftHSM2 reports a GCM tag mismatch as CKR_GENERAL_ERROR: the blob
-		// or its context is wrong, the HSM is fine.
-		if errors.As(err, &pe) && (pe == pkcs11.CKR_GENERAL_ERROR || pe == pkcs11.CKR_ENCRYPTED_DATA_INVALID ||
-			pe == pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE) {
-			return 0, m.Arn, kmsErr(ErrInvalidCiphertext, "the ciphertext or its encryption context does not match")
-		}
-		return 0, m.Arn, kmsErr(ErrInternal, "HSM: %v", err)
+	return n, m.Arn, k.decryptErr(err)
+}
+
+// gcmDecryptOn decrypts a version 1 blob with its CMK version object into
+// dst through the locked scratch. decodeBlob bounded the blob before
+// C_DecryptInit, so the scratch holds any plaintext: C_Decrypt runs to the
+// end (tag checked) even when dst is too small, and a tampered blob is
+// InvalidCiphertextException.
+func (k *KMS) gcmDecryptOn(sh pkcs11.SessionHandle, cmk pkcs11.ObjectHandle, b *blob, ectx map[string]string, dst []byte) (int, error) {
+	params := pkcs11.NewGCMParams(b.iv, aad(b.header, ectx), tagLen*8)
+	defer params.Free()
+	if err := k.p.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, cmk); err != nil {
+		return 0, err
 	}
-	return n, m.Arn, nil
+	n, err := k.dec.decrypt(sh, b.ct, dst)
+	if err != nil {
+		return 0, k.abandon(sh, opDecrypt, err)
+	}
+	return n, nil
+}
+
+// decryptErr maps the error of an unwrap: KMS errors and a caller's
+// canceled context as they are; a failed integrity check (SoftHSM2 reports
+// a GCM tag or key wrap mismatch as CKR_GENERAL_ERROR) is
+// InvalidCiphertextException: the blob or its context is wrong, the HSM is
+// fine; anything else is the HSM's failure.
+func (k *KMS) decryptErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	var ke *Error
+	if errors.As(err, &ke) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	var pe pkcs11.Error
+	if errors.As(err, &pe) {
+		switch pe {
+		case pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE,
+			pkcs11.CKR_WRAPPED_KEY_INVALID, pkcs11.CKR_WRAPPED_KEY_LEN_RANGE:
+			return kmsErr(ErrInvalidCiphertext, "the ciphertext or its encryption context does not match")
+		}
+	}
+	return kmsErr(ErrInternal, "HSM: %v", err)
 }

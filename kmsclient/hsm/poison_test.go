@@ -15,6 +15,7 @@ import (
 	"testing"
 
 	"github.com/hemd/hemd/hem/volume"
+	"github.com/hemd/hemd/kmsclient/recipient"
 	"github.com/miekg/pkcs11"
 )
 
@@ -51,8 +52,25 @@ func checkPool(t *testing.T, k *KMS) {
 		if err := activeOp(k, sh); err != nil {
 			t.Errorf("pooled session %d: a new operation fails: %v", sh, err)
 		}
+		if n := sessionObjects(t, k, sh); n != 0 {
+			t.Errorf("pooled session %d: %d session objects left (data keys, KEKs or CEKs not destroyed)", sh, n)
+		}
 		k.pool <- sh
 	}
+}
+
+// sessionObjects counts the session (non-token) objects sh sees.
+func sessionObjects(t *testing.T, k *KMS, sh pkcs11.SessionHandle) int {
+	t.Helper()
+	if err := k.p.FindObjectsInit(sh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false)}); err != nil {
+		t.Fatal(err)
+	}
+	objs, _, err := k.p.FindObjects(sh, 100)
+	k.p.FindObjectsFinal(sh)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(objs)
 }
 
 // pooled returns the sessions in the pool (call with no operation running).
@@ -106,6 +124,9 @@ type poisonFixture struct {
 	small, big                     []byte // Encrypt of smallPT (64 bytes) and bigPT (4096) under good with vol
 	disBlob, pendBlob              []byte
 	grantID                        string
+	dkPT, dk                       []byte // GenerateDataKey (64 bytes, a version 2 blob) under good with vol
+	to                             *recipient.PublicKey
+	kp                             *recipient.KeyPair
 }
 
 func randBytes(n int) []byte {
@@ -153,6 +174,17 @@ func newPoisonFixture(t *testing.T, k *KMS) *poisonFixture {
 	if err != nil {
 		t.Fatal(err)
 	}
+	f.dkPT = make([]byte, DataKeySize)
+	if f.dk, _, err = k.GenerateDataKey(ctx, f.good.KeyID, vol, f.dkPT); err != nil {
+		t.Fatal(err)
+	}
+	if f.kp, err = recipient.GenerateKeyPair(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(f.kp.Destroy)
+	if f.to, err = recipient.ParseDocument(f.kp.Document()); err != nil {
+		t.Fatal(err)
+	}
 	return f
 }
 
@@ -195,6 +227,12 @@ func badCases(k *KMS, f *poisonFixture) []badCase {
 	}
 	genPT := func(ref string, n int) func() error {
 		return func() error { _, _, err := k.GenerateDataKey(ctx, ref, vol, make([]byte, n)); return err }
+	}
+	forRcpt := func(blob []byte, ectx map[string]string) func() error {
+		return func() error { _, _, err := k.DecryptForRecipient(ctx, blob, ectx, f.to); return err }
+	}
+	genRcpt := func(ref string, n int) func() error {
+		return func() error { _, _, _, err := k.GenerateDataKeyForRecipient(ctx, ref, vol, n, f.to); return err }
 	}
 	reenc := func(blob []byte, src map[string]string, dst string, dstCtx map[string]string) func() error {
 		return func() error { _, _, err := k.ReEncrypt(ctx, blob, src, dst, dstCtx); return err }
@@ -242,6 +280,25 @@ func badCases(k *KMS, f *poisonFixture) []badCase {
 		{"Decrypt canceled", func() error { _, err := k.Decrypt(canceled, small, vol, make([]byte, 64)); return err }, context.Canceled},
 		{"BlobKeyID of a truncated blob", func() error { _, err := BlobKeyID(small[:20]); return err }, ErrInvalidCiphertext},
 
+		// Version 2 blobs (data keys) and Decrypt for a recipient.
+		{"Decrypt v2 flipped nonce", dec(flipped(f.dk, 30), vol, 64), ErrInvalidCiphertext},
+		{"Decrypt v2 flipped wrapped key", dec(flipped(f.dk, headerLen+3), vol, 64), ErrInvalidCiphertext},
+		{"Decrypt v2 last block dropped", dec(f.dk[:len(f.dk)-8], vol, 64), ErrInvalidCiphertext},
+		{"Decrypt v2 wrong context", dec(f.dk, nil, 64), ErrInvalidCiphertext},
+		{"Decrypt v2 into a buffer one byte short", dec(f.dk, vol, 63), ErrValidation},
+		{"Decrypt v2 under a disabled key", dec(f.disBlob, vol, 64), ErrDisabled},
+		{"DecryptForRecipient v1 wrong context", forRcpt(small, nil), ErrInvalidCiphertext},
+		{"DecryptForRecipient v1 flipped tag", forRcpt(flipped(small, len(small)-1), vol), ErrInvalidCiphertext},
+		{"DecryptForRecipient v2 wrong context", forRcpt(f.dk, map[string]string{"aws:ebs:id": "vol-fffffffffffffffff"}), ErrInvalidCiphertext},
+		{"DecryptForRecipient v2 flipped wrapped key", forRcpt(flipped(f.dk, len(f.dk)-1), vol), ErrInvalidCiphertext},
+		{"DecryptForRecipient truncated", forRcpt(f.dk[:40], vol), ErrInvalidCiphertext},
+		{"DecryptForRecipient disabled key", forRcpt(f.disBlob, vol), ErrDisabled},
+		{"DecryptForRecipient key pending deletion", forRcpt(f.pendBlob, vol), ErrInvalidState},
+		{"DecryptForRecipient canceled", func() error { _, _, err := k.DecryptForRecipient(canceled, f.dk, vol, f.to); return err }, context.Canceled},
+		{"GenerateDataKeyForRecipient 0 bytes", genRcpt(f.good.KeyID, 0), ErrValidation},
+		{"GenerateDataKeyForRecipient unknown key", genRcpt(unknown, 64), ErrNotFound},
+		{"GenerateDataKeyForRecipient disabled key", genRcpt(f.disabled.KeyID, 64), ErrDisabled},
+
 		// Encrypt and data keys: sizes, contexts, keys and their states.
 		{"Encrypt nil", enc(f.good.KeyID, vol, nil), ErrValidation},
 		{"Encrypt empty", enc(f.good.KeyID, vol, []byte{}), ErrValidation},
@@ -281,6 +338,9 @@ func badCases(k *KMS, f *poisonFixture) []badCase {
 		{"ReEncrypt to a disabled key", reenc(big, vol, f.disabled.KeyID, vol), ErrDisabled},
 		{"ReEncrypt to a key pending deletion", reenc(big, vol, f.pending.KeyID, vol), ErrInvalidState},
 		{"ReEncrypt to a bad context", reenc(big, vol, f.other.KeyID, many), ErrValidation},
+		{"ReEncrypt v2 wrong source context", reenc(f.dk, nil, f.other.KeyID, vol), ErrInvalidCiphertext},
+		{"ReEncrypt v2 to a disabled key", reenc(f.dk, vol, f.disabled.KeyID, vol), ErrDisabled},
+		{"ReEncrypt v2 to a bad context", reenc(f.dk, vol, f.other.KeyID, many), ErrValidation},
 
 		// Key administration.
 		{"DescribeKey unknown", func() error { _, err := k.DescribeKey(ctx, unknown); return err }, ErrNotFound},
@@ -339,12 +399,12 @@ func goodOps(t *testing.T, k *KMS, f *poisonFixture, n, workers int) {
 	jobs := make(chan int)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
-	var reencrypted [][]byte
+	var reencrypted, opened [][]byte
 	for range workers {
 		wg.Go(func() {
 			for i := range jobs {
 				var err error
-				switch i % 6 {
+				switch i % 8 {
 				case 0:
 					dst := make([]byte, DataKeySize)
 					if _, err = k.Decrypt(ctx, f.small, vol, dst); err == nil && !bytes.Equal(dst, f.smallPT) {
@@ -376,9 +436,21 @@ func goodOps(t *testing.T, k *KMS, f *poisonFixture, n, workers int) {
 					if _, _, err = k.GenerateDataKey(ctx, f.good.KeyID, vol, dst); err == nil && bytes.Equal(dst, make([]byte, 32)) {
 						err = errors.New("zero data key")
 					}
+				case 6:
+					dst := make([]byte, DataKeySize)
+					if _, err = k.Decrypt(ctx, f.dk, vol, dst); err == nil && !bytes.Equal(dst, f.dkPT) {
+						err = errors.New("wrong plaintext")
+					}
+				case 7:
+					var env []byte
+					if env, _, err = k.DecryptForRecipient(ctx, []([]byte){f.dk, f.small}[i/8%2], vol, f.to); err == nil {
+						mu.Lock()
+						opened = append(opened, env)
+						mu.Unlock()
+					}
 				}
 				if err != nil {
-					t.Errorf("good operation %d (kind %d): %v", i, i%6, err)
+					t.Errorf("good operation %d (kind %d): %v", i, i%8, err)
 				}
 			}
 		})
@@ -388,6 +460,12 @@ func goodOps(t *testing.T, k *KMS, f *poisonFixture, n, workers int) {
 	}
 	close(jobs)
 	wg.Wait()
+	for _, env := range opened {
+		dst := make([]byte, DataKeySize)
+		if _, err := f.kp.Open(env, dst); err != nil || !bytes.Equal(dst, f.dkPT) && !bytes.Equal(dst, f.smallPT) {
+			t.Errorf("CiphertextForRecipient: %v", err)
+		}
+	}
 	for _, blob := range reencrypted {
 		dst := make([]byte, 4096)
 		if n, _, err := k.DecryptN(ctx, blob, other, dst); err != nil || !bytes.Equal(dst[:n], f.bigPT) {

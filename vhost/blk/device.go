@@ -69,6 +69,9 @@ type Config struct {
 	// claim to let go (default 30 s); once it passed without the claim, a
 	// Start tries once.
 	ClaimWait time.Duration
+	// Limits are the volume's provisioned IOPS and throughput (throttle.go);
+	// the zero value is unlimited. SetLimits changes them while it runs.
+	Limits Limits
 }
 
 // Claim is the volume's one-writer lock as the device uses it (a
@@ -120,8 +123,10 @@ type Stats struct {
 
 // Device is a virtio-blk device.
 type Device struct {
-	cfg   Config
-	lim   limits
+	cfg Config
+	// lim is swapped whole when the volume grows (Resize): a request is
+	// checked against one capacity.
+	lim   atomic.Pointer[limits]
 	log   *slog.Logger
 	stats []Stats
 	// xform is set by Start and cleared by Stop, both on the session
@@ -134,6 +139,11 @@ type Device struct {
 	// only, on the session goroutine.
 	claimed bool
 	claimBy time.Time
+	// throttle enforces Limits across all queues.
+	throttle *Throttle
+	// workers[i] is queue i's handler while it runs (Handler, Interrupt:
+	// both on the session goroutine).
+	workers []*worker
 }
 
 // New checks cfg and returns the device.
@@ -167,20 +177,82 @@ func New(cfg Config) (*Device, error) {
 	if cfg.ClaimWait <= 0 {
 		cfg.ClaimWait = defaultClaimWait
 	}
-	return &Device{
-		cfg:     cfg,
-		claimed: cfg.Claim != nil && !cfg.Incoming,
-		lim: limits{
-			capacity:    uint64(size) / sectorSize,
-			blockSize:   cfg.BlockSize,
-			readOnly:    cfg.ReadOnly,
-			discard:     cfg.Discard,
-			maxSegSects: maxSpanSectors,
-		},
-		log:    cfg.Log,
-		stats:  make([]Stats, cfg.Queues),
-		serial: serial,
-	}, nil
+	th, err := NewThrottle(cfg.Limits)
+	if err != nil {
+		return nil, fmt.Errorf("blk: %w", err)
+	}
+	d := &Device{
+		cfg:      cfg,
+		claimed:  cfg.Claim != nil && !cfg.Incoming,
+		log:      cfg.Log,
+		stats:    make([]Stats, cfg.Queues),
+		serial:   serial,
+		throttle: th,
+		workers:  make([]*worker, cfg.Queues),
+	}
+	d.lim.Store(&limits{
+		capacity:    uint64(size) / sectorSize,
+		blockSize:   cfg.BlockSize,
+		readOnly:    cfg.ReadOnly,
+		discard:     cfg.Discard,
+		maxSegSects: maxSpanSectors,
+	})
+	return d, nil
+}
+
+// ErrShrink is a resize to less than the device's capacity.
+var ErrShrink = errors.New("a disk cannot shrink under a running guest")
+
+// Resize makes the guest's disk size bytes long from the next request on.
+// The store must already hold that many bytes; the front-end is told
+// separately (vhost.Server.NotifyConfigChange). size must be a multiple of
+// the block size, and not less than the current capacity.
+func (d *Device) Resize(size uint64) error {
+	old := d.lim.Load()
+	switch {
+	case size%uint64(d.cfg.BlockSize) != 0 || size == 0:
+		return fmt.Errorf("volume %s: size %d is not a positive multiple of the block size %d", d.cfg.ID, size, d.cfg.BlockSize)
+	case size < old.capacity*sectorSize:
+		return fmt.Errorf("volume %s: %w: %d bytes now, %d asked", d.cfg.ID, ErrShrink, old.capacity*sectorSize, size)
+	case int64(size) > d.cfg.Store.Size():
+		return fmt.Errorf("volume %s: size %d is past the end of its store (%d bytes)", d.cfg.ID, size, d.cfg.Store.Size())
+	}
+	nl := *old
+	nl.capacity = size / sectorSize
+	d.lim.Store(&nl)
+	if size != old.capacity*sectorSize {
+		d.log.Info("event=resize", "old_bytes", old.capacity*sectorSize, "new_bytes", size)
+	}
+	return nil
+}
+
+// Unwrap returns the store WithBatches was given: the one to grow.
+func (b batchStore) Unwrap() Store { return b.Store }
+
+// Limits returns the volume's performance limits now in force.
+func (d *Device) Limits() Limits { return d.throttle.Limits() }
+
+// SetLimits changes the volume's performance limits at once, for all its
+// queues.
+func (d *Device) SetLimits(l Limits) error {
+	if err := d.throttle.Set(l); err != nil {
+		return fmt.Errorf("volume %s: %w", d.cfg.ID, err)
+	}
+	d.log.Info("event=limits", "iops", l.IOPS, "throughput_bytes", l.BPS, "iops_burst", d.throttle.Limits().IOPSBurst,
+		"throughput_burst_bytes", d.throttle.Limits().BPSBurst)
+	return nil
+}
+
+// Throttled returns the time the volume's requests waited for their
+// tokens, in all, and how many requests waited.
+func (d *Device) Throttled() (time.Duration, uint64) { return d.throttle.Waited() }
+
+// Interrupt implements vhost.Interrupter: queue i's handler stops waiting
+// for tokens, so that the ring stops at once.
+func (d *Device) Interrupt(i int) {
+	if i >= 0 && i < len(d.workers) && d.workers[i] != nil {
+		d.workers[i].interrupt()
+	}
 }
 
 // Serial is the 20-byte serial the guest reads for a volume id. An EBS-style
@@ -194,7 +266,7 @@ func Serial(id string) string {
 }
 
 // Capacity returns the size the guest sees, in bytes.
-func (d *Device) Capacity() uint64 { return d.lim.capacity * sectorSize }
+func (d *Device) Capacity() uint64 { return d.lim.Load().capacity * sectorSize }
 
 // Stats returns queue i's counters.
 func (d *Device) Stats(i int) *Stats { return &d.stats[i] }
@@ -216,7 +288,7 @@ func (d *Device) Features() uint64 {
 func (d *Device) Config() []byte {
 	b := make([]byte, configSize)
 	le := binary.LittleEndian
-	le.PutUint64(b[0:], d.lim.capacity)
+	le.PutUint64(b[0:], d.lim.Load().capacity)
 	le.PutUint32(b[8:], sizeMax)
 	le.PutUint32(b[12:], segMax)
 	le.PutUint32(b[20:], d.cfg.BlockSize)
@@ -355,7 +427,10 @@ func (d *Device) Stop() {
 
 // Handler implements vhost.Device.
 func (d *Device) Handler(i int) vhost.Handler {
-	w := &worker{dev: d, stats: &d.stats[i], queue: i, xform: d.xform, failed: d.failed}
+	w := &worker{dev: d, stats: &d.stats[i], queue: i, xform: d.xform, failed: d.failed, stop: make(chan struct{})}
+	if i < len(d.workers) {
+		d.workers[i] = w
+	}
 	if w.xform != nil {
 		w.bounce = make([]byte, bounceSize)
 		w.scratch = make([]byte, w.xform.UnitSize())

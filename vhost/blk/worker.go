@@ -2,6 +2,7 @@ package blk
 
 import (
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/hemd/hemd/vhost/virtq"
@@ -23,6 +24,10 @@ type worker struct {
 	scratch []byte   // one data unit that straddles two guest buffers
 	one     [][]byte // single-buffer vector for the bounce buffer
 	batch   batchState
+	// stop is closed when the ring is about to stop: a wait for tokens
+	// ends (throttle.go).
+	stop     chan struct{}
+	stopOnce sync.Once
 }
 
 // Handle implements vhost.Handler.
@@ -57,7 +62,7 @@ func (w *worker) handle(c *virtq.Chain) uint32 {
 // begin parses and checks c into r. done means the request is already
 // complete (refused), written being what to return for it.
 func (w *worker) begin(c *virtq.Chain, r *request) (written uint32, done bool) {
-	err := parseRequest(c, &w.dev.lim, r)
+	err := parseRequest(c, w.dev.lim.Load(), r)
 	if r.status == nil {
 		// Nowhere to say what went wrong: give the chain back empty.
 		w.stats.BadRequests.Add(1)
@@ -80,6 +85,7 @@ func (w *worker) begin(c *virtq.Chain, r *request) (written uint32, done bool) {
 		r.status[0] = StatusIOErr
 		return 1, true
 	}
+	w.throttle(r)
 	return 0, false
 }
 
