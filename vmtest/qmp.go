@@ -15,13 +15,23 @@ import (
 // QMP is a connection to a VM's QEMU monitor (every VM has one, on a unix
 // socket in its directory). Events are buffered from the moment it connects,
 // so WaitEvent sees an event that arrived before it was called.
+//
+// The wire is spoken here, with go-qemu's message types: go-qemu's
+// SocketMonitor hands a command's reply over in the line scanner's buffer,
+// which its reader overwrites with the next line (an event arriving just
+// after a reply turned query-status's "paused" into ""). Each message is
+// decoded here into memory of its own, and replies are matched by id.
 type QMP struct {
-	mon *qmp.SocketMonitor
+	conn net.Conn
 	// Timeout bounds each command (QEMU can block a command, e.g. stop,
 	// while a vhost-user back-end does not answer). Default 60 s.
 	Timeout time.Duration
 
 	logf func(format string, args ...any) // events are logged here if set
+
+	cmdMu  sync.Mutex // one command at a time
+	nextID uint64
+	reply  chan qmpReply // replies, in the order QEMU sent them
 
 	mu      sync.Mutex
 	events  []qmp.Event
@@ -30,28 +40,70 @@ type QMP struct {
 	done    chan struct{} // closed when the event stream ends
 }
 
+// qmpMessage is any message QEMU sends: a greeting, an event or a reply.
+type qmpMessage struct {
+	QMP    json.RawMessage `json:"QMP"`
+	Event  string          `json:"event"`
+	Data   map[string]any  `json:"data"`
+	Return json.RawMessage `json:"return"`
+	Error  *struct {
+		Class string `json:"class"`
+		Desc  string `json:"desc"`
+	} `json:"error"`
+	ID        any `json:"id"`
+	Timestamp struct {
+		Seconds      int64 `json:"seconds"`
+		Microseconds int64 `json:"microseconds"`
+	} `json:"timestamp"`
+}
+
+type qmpReply struct {
+	id     string
+	ret    json.RawMessage
+	errMsg string
+}
+
 // DialQMP connects to the QMP socket at path and starts its event stream.
 func DialQMP(path string) (*QMP, error) { return dialQMP(path, nil) }
 
 func dialQMP(path string, logf func(string, ...any)) (*QMP, error) {
-	mon, err := qmp.NewSocketMonitor("unix", path, 5*time.Second)
+	conn, err := net.DialTimeout("unix", path, 5*time.Second)
 	if err != nil {
 		return nil, fmt.Errorf("qmp: dial %s: %w", path, err)
 	}
-	if err := mon.Connect(); err != nil {
+	q := &QMP{conn: conn, Timeout: time.Minute, logf: logf, reply: make(chan qmpReply, 16),
+		changed: make(chan struct{}, 1), done: make(chan struct{})}
+	dec := json.NewDecoder(conn)
+	var greeting qmpMessage
+	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if err := dec.Decode(&greeting); err != nil || greeting.QMP == nil {
+		conn.Close()
+		return nil, fmt.Errorf("qmp: handshake on %s: no greeting: %v", path, err)
+	}
+	_ = conn.SetReadDeadline(time.Time{})
+	go q.read(dec)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := q.Execute(ctx, "qmp_capabilities", nil, nil); err != nil {
+		q.Close()
 		return nil, fmt.Errorf("qmp: handshake on %s: %w", path, err)
 	}
-	ev, err := mon.Events(context.Background())
-	if err != nil {
-		mon.Disconnect()
-		return nil, fmt.Errorf("qmp: events: %w", err)
-	}
-	q := &QMP{mon: mon, Timeout: time.Minute, logf: logf, changed: make(chan struct{}, 1), done: make(chan struct{})}
-	// The monitor's reader blocks on an unread event, which would also
-	// block command replies: drain the stream all the time.
-	go func() {
-		defer close(q.done)
-		for e := range ev {
+	return q, nil
+}
+
+// read takes every message QEMU sends: events into the buffer, replies to
+// the command waiting for them.
+func (q *QMP) read(dec *json.Decoder) {
+	defer close(q.done)
+	for {
+		var m qmpMessage
+		if err := dec.Decode(&m); err != nil {
+			return
+		}
+		switch {
+		case m.Event != "":
+			e := qmp.Event{Event: m.Event, Data: m.Data}
+			e.Timestamp.Seconds, e.Timestamp.Microseconds = m.Timestamp.Seconds, m.Timestamp.Microseconds
 			if q.logf != nil {
 				q.logf("qmp event %s %v", e.Event, e.Data)
 			}
@@ -63,14 +115,22 @@ func dialQMP(path string, logf func(string, ...any)) (*QMP, error) {
 			case q.changed <- struct{}{}:
 			default:
 			}
+		case m.QMP == nil:
+			r := qmpReply{id: fmt.Sprint(m.ID), ret: m.Return}
+			if m.Error != nil {
+				r.errMsg = m.Error.Class + ": " + m.Error.Desc
+			}
+			select {
+			case q.reply <- r:
+			default: // a reply nobody waits for any more (its command timed out)
+			}
 		}
-	}()
-	return q, nil
+	}
 }
 
 // Close ends the connection.
 func (q *QMP) Close() error {
-	err := q.mon.Disconnect()
+	err := q.conn.Close()
 	<-q.done
 	return err
 }
@@ -79,43 +139,44 @@ func (q *QMP) Close() error {
 // decodes its "return" into ret (may be nil). ctx and q.Timeout bound the
 // wait for the reply.
 func (q *QMP) Execute(ctx context.Context, command string, args, ret any) error {
-	cmd, err := json.Marshal(qmp.Command{Execute: command, Args: args})
+	q.cmdMu.Lock()
+	defer q.cmdMu.Unlock()
+	q.nextID++
+	id := fmt.Sprintf("hemd-%d", q.nextID)
+	cmd, err := json.Marshal(struct {
+		qmp.Command
+		ID string `json:"id"`
+	}{qmp.Command{Execute: command, Args: args}, id})
 	if err != nil {
 		return fmt.Errorf("qmp %s: %w", command, err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, q.Timeout)
 	defer cancel()
-	type reply struct {
-		b   []byte
-		err error
+	if _, err := q.conn.Write(append(cmd, '\n')); err != nil {
+		return fmt.Errorf("qmp %s: %w", command, err)
 	}
-	ch := make(chan reply, 1)
-	go func() {
-		b, err := q.mon.Run(cmd)
-		ch <- reply{b, err}
-	}()
-	var r reply
-	select {
-	case r = <-ch:
-	case <-ctx.Done():
-		return fmt.Errorf("qmp %s: no reply: %w", command, ctx.Err())
+	for {
+		select {
+		case r := <-q.reply:
+			if r.id != id {
+				continue // the late reply of a command that timed out
+			}
+			if r.errMsg != "" {
+				return fmt.Errorf("qmp %s: %s", command, r.errMsg)
+			}
+			if ret == nil {
+				return nil
+			}
+			if err := json.Unmarshal(r.ret, ret); err != nil {
+				return fmt.Errorf("qmp %s: reply %s: %w", command, r.ret, err)
+			}
+			return nil
+		case <-q.done:
+			return fmt.Errorf("qmp %s: connection closed", command)
+		case <-ctx.Done():
+			return fmt.Errorf("qmp %s: no reply: %w", command, ctx.Err())
+		}
 	}
-	if r.err != nil {
-		return fmt.Errorf("qmp %s: %w", command, r.err)
-	}
-	if ret == nil {
-		return nil
-	}
-	var resp struct {
-		Return json.RawMessage `json:"return"`
-	}
-	if err := json.Unmarshal(r.b, &resp); err != nil {
-		return fmt.Errorf("qmp %s: reply: %w", command, err)
-	}
-	if err := json.Unmarshal(resp.Return, ret); err != nil {
-		return fmt.Errorf("qmp %s: reply %s: %w", command, resp.Return, err)
-	}
-	return nil
 }
 
 func (q *QMP) run(command string, args any) error {
