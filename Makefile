@@ -19,7 +19,7 @@ CEPH_PKGS := ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev librados-dev
 GOTAGS    ?=
 FUZZTIME  ?= 60s
 
-.PHONY: all build deps test test-unit test-vm fuzz demo bench bench-xts vet clean
+.PHONY: all build deps test test-unit test-vm fuzz demo bench bench-scale bench-xts vet clean
 
 all: build
 
@@ -74,10 +74,17 @@ fuzz:
 bench-xts:
 	bash hem/bench-xts.sh
 
-# bench: hemd encrypted and raw against qemu-storage-daemon raw and LUKS,
-# one run, same file size (SIZE=1G RUNTIME=5s by default).
+# bench: hemd encrypted and raw against qemu-storage-daemon raw and LUKS in
+# each of its AIO settings (threads, io_uring; native with DIRECT=1), one
+# run, same file size (SIZE=1G RUNTIME=5s by default).
 bench: deps build
 	bash vhost/loadgen/bench-matrix.sh
+
+# bench-scale: 8 volumes, one queue each, driven together: one hemd serving
+# all 8, 8 hemds, 8 qemu-storage-daemons with aio=io_uring
+# (N=8 SIZE=256M RUNTIME=5s ROUNDS=3).
+bench-scale: deps build
+	bash vhost/loadgen/bench-scale.sh
 
 demo: deps build
 	$(GO) run ./vmtest/cmd/demo --hemd $(HEMD)

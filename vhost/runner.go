@@ -4,6 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
+	"sync/atomic"
+	"time"
 
 	"github.com/hemd/hemd/hem/shield"
 	"github.com/hemd/hemd/vhost/virtq"
@@ -13,8 +16,9 @@ import (
 // runner is the goroutine of one running queue. It owns the queue and its
 // handler until stopAndWait returns.
 type runner struct {
-	stop int // eventfd: written to ask the goroutine to end
-	done chan struct{}
+	stop     int         // eventfd: written to ask the goroutine to end
+	stopping atomic.Bool // set with the write: ends a spin at once
+	done     chan struct{}
 }
 
 // pollIntervalMs is how often a ring without a kick fd (polling mode) is
@@ -26,6 +30,10 @@ const pollIntervalMs = 1
 // every completion until the end.
 const batchLimit = 64
 
+// DefaultPollTime is Server.PollTime's default: QEMU's iothreads poll up to
+// 32 µs (poll-max-ns) too.
+const DefaultPollTime = 32 * time.Microsecond
+
 // ringIO is what a runner needs besides its queue: the notification fds,
 // the dirty log and the inflight tracker.
 type ringIO struct {
@@ -36,7 +44,9 @@ type ringIO struct {
 	logUsed  bool   // VHOST_VRING_F_LOG: mark the used ring too
 	usedGPA  uint64 // log address of the used ring
 	inflight *inflightQueue
-	resubmit []uint16 // heads to serve again first, oldest first
+	resubmit []uint16      // heads to serve again first, oldest first
+	poll     time.Duration // keep looking at the ring this long before sleeping
+	cpus     *CPUShare     // shared with every queue of the process
 }
 
 func startRunner(q *virtq.Queue, h Handler, io ringIO, log *slog.Logger, fatal func(error)) (*runner, error) {
@@ -74,6 +84,7 @@ func startRunner(q *virtq.Queue, h Handler, io ringIO, log *slog.Logger, fatal f
 
 func (r *runner) stopAndWait() {
 	var one = [8]byte{1}
+	r.stopping.Store(true)
 	_, _ = unix.Write(r.stop, one[:])
 	<-r.done
 	unix.Close(r.stop)
@@ -85,6 +96,12 @@ func (r *runner) loop(q *virtq.Queue, h Handler, io *ringIO) error {
 	var b *batch
 	if bh, ok := h.(BatchHandler); ok {
 		b = newBatch(bh, min(batchLimit, int(q.Size())), int(q.Size()))
+		b.early = func(n int) {
+			for ; b.pushed < n; b.pushed++ {
+				r.complete(q, io, &b.chains[b.pushed], b.written[b.pushed])
+			}
+			r.publish(q, io)
+		}
 	}
 	kick := io.kick
 	fds := []unix.PollFd{{Fd: int32(r.stop), Events: unix.POLLIN}, {Fd: int32(kick), Events: unix.POLLIN}}
@@ -106,6 +123,17 @@ func (r *runner) loop(q *virtq.Queue, h Handler, io *ringIO) error {
 		io.resubmit = nil
 	}
 	var buf [8]byte
+	cpus := io.cpus
+	if cpus == nil {
+		cpus = NewCPUShare(0)
+	}
+	busy := true // counted in cpus
+	cpus.start()
+	defer func() {
+		if busy {
+			cpus.stop()
+		}
+	}()
 	for {
 		// Serve everything available, then re-enable notifications and look
 		// again: a request added meanwhile may come without a kick.
@@ -144,6 +172,20 @@ func (r *runner) loop(q *virtq.Queue, h Handler, io *ringIO) error {
 				r.serveBatch(q, b, io)
 			}
 			r.publish(q, io)
+			if cpus.crowded() {
+				// More queues want the CPUs than there are: let the
+				// others have them before looking again.
+				runtime.Gosched()
+			}
+			if io.kick >= 0 && io.poll > 0 && cpus.canSpin() {
+				more, err := r.spin(q, io.poll)
+				if err != nil {
+					return err
+				}
+				if more {
+					continue // notifications still off
+				}
+			}
 			more, err := q.EnableNotify()
 			if err != nil {
 				return err
@@ -153,6 +195,8 @@ func (r *runner) loop(q *virtq.Queue, h Handler, io *ringIO) error {
 				break
 			}
 		}
+		cpus.stop()
+		busy = false
 		for {
 			_, err := unix.Poll(fds, timeout)
 			if err == unix.EINTR {
@@ -163,6 +207,8 @@ func (r *runner) loop(q *virtq.Queue, h Handler, io *ringIO) error {
 			}
 			break
 		}
+		cpus.start()
+		busy = true
 		if fds[0].Revents != 0 {
 			return nil
 		}
@@ -175,6 +221,21 @@ func (r *runner) loop(q *virtq.Queue, h Handler, io *ringIO) error {
 	}
 }
 
+// spin looks at the ring for up to d, notifications off, and reports
+// whether the driver made a request available meanwhile.
+func (r *runner) spin(q *virtq.Queue, d time.Duration) (bool, error) {
+	deadline := time.Now().Add(d)
+	for i := 0; ; i++ {
+		n, err := q.Pending()
+		if err != nil || n > 0 {
+			return n > 0, err
+		}
+		if r.stopping.Load() || i%16 == 15 && time.Now().After(deadline) {
+			return false, nil
+		}
+	}
+}
+
 // batch is the chains of one avail batch, served together by a
 // BatchHandler.
 type batch struct {
@@ -183,6 +244,10 @@ type batch struct {
 	ptrs    []*virtq.Chain
 	written []uint32
 	n       int // chains taken so far
+	pushed  int // chains of the batch already on the used ring
+	// early is the done callback of an EarlyBatchHandler: it completes the
+	// chains up to n and publishes them.
+	early func(n int)
 }
 
 func newBatch(h BatchHandler, n, segs int) *batch {
@@ -201,11 +266,16 @@ func (b *batch) next() *virtq.Chain { return &b.chains[b.n] }
 // ring in the order they were taken.
 func (r *runner) serveBatch(q *virtq.Queue, b *batch, io *ringIO) {
 	clear(b.written[:b.n])
-	b.h.HandleBatch(b.ptrs[:b.n], b.written[:b.n])
-	for i := range b.n {
+	b.pushed = 0
+	if eh, ok := b.h.(EarlyBatchHandler); ok {
+		eh.HandleBatchEarly(b.ptrs[:b.n], b.written[:b.n], b.early)
+	} else {
+		b.h.HandleBatch(b.ptrs[:b.n], b.written[:b.n])
+	}
+	for i := b.pushed; i < b.n; i++ {
 		r.complete(q, io, &b.chains[i], b.written[i])
 	}
-	b.n = 0
+	b.n, b.pushed = 0, 0
 }
 
 // serve handles one chain and puts it on the used ring (unpublished). While

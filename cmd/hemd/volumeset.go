@@ -17,6 +17,7 @@ import (
 
 	"github.com/hemd/hemd/hem/datakey"
 	"github.com/hemd/hemd/hem/volume"
+	"github.com/hemd/hemd/vhost"
 )
 
 // volumeSet is what a hemd serve serves.
@@ -32,6 +33,10 @@ type volumeSet struct {
 	// change: one attach, detach or reload at a time.
 	change sync.Mutex
 
+	// cpus is shared by the queues of every volume: they share the CPUs
+	// fairly (vhost.CPUShare).
+	cpus *vhost.CPUShare
+
 	kmsMu    sync.Mutex
 	kms      volume.KMS
 	closeKMS func()
@@ -40,7 +45,7 @@ type volumeSet struct {
 }
 
 func newVolumeSet(ctx context.Context, g globalFlags, mon *monitor) *volumeSet {
-	return &volumeSet{ctx: ctx, g: g, log: g.Log, mon: mon, closeKMS: func() {}}
+	return &volumeSet{ctx: ctx, g: g, log: g.Log, mon: mon, closeKMS: func() {}, cpus: vhost.NewCPUShare(0)}
 }
 
 // kmsFor opens the KMS the first time an encrypted volume needs it.
@@ -102,6 +107,7 @@ func (vs *volumeSet) open(ctx context.Context, v volumeConfig, origin string) (*
 	if err != nil {
 		return nil, err
 	}
+	s.srv.CPUs = vs.cpus
 	s.want, s.origin = v, origin
 	return s, nil
 }

@@ -54,9 +54,19 @@ type batchState struct {
 	reqs  []request              // one per chain of the runner's batch
 	ops   []int                  // chain index of each queued transfer
 	fill  int                    // bytes of the bounce buffer taken by queued writes
+	rfill int                    // bytes of encrypted reads queued
 	t0    time.Time              // when the runner's batch started
 	out   []uint32               // written, per chain
 	done  func(k int, err error) // w.completeOp, made once
+}
+
+// HandleBatchEarly implements vhost.EarlyBatchHandler: HandleBatch, telling
+// done after each run of queued transfers that the chains before the next
+// one are complete.
+func (w *worker) HandleBatchEarly(cs []*virtq.Chain, written []uint32, done func(n int)) {
+	w.early = done
+	defer func() { w.early = nil }()
+	w.HandleBatch(cs, written)
 }
 
 // HandleBatch implements vhost.BatchHandler: reads and writes of the batch
@@ -97,12 +107,12 @@ func (w *worker) HandleBatch(cs []*virtq.Chain, written []uint32) {
 			if w.enqueue(i, r) {
 				continue
 			}
-			w.runBatch()
+			w.runBatchEarly(i)
 			if w.enqueue(i, r) {
 				continue
 			}
 		} else {
-			w.runBatch()
+			w.runBatchEarly(i)
 		}
 		t0 := time.Now()
 		n32, err := w.do(r)
@@ -122,9 +132,13 @@ func (w *worker) enqueue(i int, r *request) bool {
 	off := int64(r.sector * sectorSize)
 	switch {
 	case r.typ == TypeIn:
+		if w.xform != nil && bs.rfill > 0 && bs.rfill+int(r.length) > w.readChunk {
+			return false
+		}
 		if !bs.b.Read(r.data, off) {
 			return false
 		}
+		bs.rfill += int(r.length)
 	case w.xform == nil:
 		if !bs.b.Write(r.data, off) {
 			return false
@@ -135,15 +149,28 @@ func (w *worker) enqueue(i int, r *request) bool {
 			return false
 		}
 		buf := w.bounce[bs.fill : bs.fill+n]
-		w.encryptTo(buf, r.data, n, uint64(off)/uint64(w.xform.UnitSize()))
 		w.one[0] = buf
 		if !bs.b.Write(w.one, off) {
 			return false
 		}
+		// Encrypted in runBatch, before the batch runs.
+		w.encs = append(w.encs, cryptTask{dst: buf, data: r.data, n: n, unit0: uint64(off) / uint64(w.xform.UnitSize())})
 		bs.fill += n
 	}
 	bs.ops = append(bs.ops, i)
 	return true
+}
+
+// runBatchEarly is runBatch in the middle of a batch, before chain i: the
+// chains before i are complete then, and go to the driver at once.
+func (w *worker) runBatchEarly(i int) {
+	if len(w.batch.ops) == 0 {
+		return
+	}
+	w.runBatch()
+	if w.early != nil {
+		w.early(i)
+	}
 }
 
 // runBatch carries out the queued transfers and completes their requests.
@@ -152,8 +179,18 @@ func (w *worker) runBatch() {
 	if len(bs.ops) == 0 {
 		return
 	}
+	if len(w.encs) > 0 {
+		w.cryptAll(w.encs)
+		clear(w.encs) // no references to guest memory kept
+		w.encs = w.encs[:0]
+	}
 	bs.b.Run(bs.done)
-	bs.ops, bs.fill = bs.ops[:0], 0
+	if len(w.decs) > 0 {
+		w.cryptAll(w.decs)
+		clear(w.decs)
+		w.decs = w.decs[:0]
+	}
+	bs.ops, bs.fill, bs.rfill = bs.ops[:0], 0, 0
 }
 
 // completeOp completes the request of the k-th queued transfer.
@@ -166,7 +203,10 @@ func (w *worker) completeOp(k int, err error) {
 		w.stats.Reads.Add(1)
 		if err == nil {
 			if w.xform != nil {
-				w.decrypt(r.data, r.length, int64(r.sector*sectorSize))
+				// Decrypted in runBatch once the batch is done; the
+				// chain is published only after HandleBatch returns.
+				w.decs = append(w.decs, cryptTask{data: r.data, n: int(r.length), decrypt: true,
+					unit0: r.sector * sectorSize / uint64(w.xform.UnitSize())})
 			}
 			w.stats.BytesRead.Add(r.length)
 			n = uint32(r.length)
@@ -190,6 +230,7 @@ func (w *worker) completeOp(k int, err error) {
 
 // Close implements io.Closer: the runner calls it when the ring stops.
 func (w *worker) Close() error {
+	w.stopCrypter()
 	if w.batch.b == nil {
 		return nil
 	}

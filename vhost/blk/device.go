@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -435,6 +436,8 @@ func (d *Device) Handler(i int) vhost.Handler {
 		w.bounce = make([]byte, bounceSize)
 		w.scratch = make([]byte, w.xform.UnitSize())
 		w.one = make([][]byte, 1)
+		w.readChunk = readChunk
+		w.cryptCPUs, w.splitMin = runtime.GOMAXPROCS(0), splitMin
 	}
 	return w
 }

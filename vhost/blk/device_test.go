@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -39,6 +40,8 @@ type rigOpts struct {
 	logTo  io.Writer // the device's log goes here too
 	// msgTimeout is the server's MessageTimeout (its default if zero).
 	msgTimeout time.Duration
+	// pollTime is the server's PollTime (its default if zero).
+	pollTime time.Duration
 }
 
 func testLogger(t *testing.T) *slog.Logger {
@@ -92,10 +95,13 @@ func newRig(t *testing.T, o rigOpts) *rig {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	srv := &vhost.Server{Device: dev, Log: cfg.Log.With("volume", cfg.ID), MessageTimeout: o.msgTimeout}
+	srv := &vhost.Server{Device: dev, Log: cfg.Log.With("volume", cfg.ID), MessageTimeout: o.msgTimeout, PollTime: o.pollTime}
 	go func() { done <- srv.Serve(ctx, ln) }()
 	r := &rig{t: t, dev: dev, store: st, path: path, sock: sock, srv: srv}
-	r.stop = func() {
+	var stop func()
+	var once sync.Once
+	r.stop = func() { once.Do(stop) }
+	stop = func() {
 		if r.c != nil {
 			r.c.Close()
 		}
