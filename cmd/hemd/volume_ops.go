@@ -19,7 +19,6 @@ import (
 	"strings"
 
 	"github.com/hemd/hemd/hem/volume"
-	"github.com/hemd/hemd/storage"
 	"github.com/hemd/hemd/vhost/blk"
 )
 
@@ -184,6 +183,9 @@ func volumeResizeCommand(ctx context.Context, g globalFlags, args []string, stdo
 	control := fs.String("control", "", "control socket of the hemd serve that serves the volume (a volume it does not serve is grown offline)")
 	sizeArg := fs.String("size", "", "new size (e.g. 20G), or +SIZE to grow by that much; a volume never shrinks")
 	asJSON := fs.Bool("json", false, "print the answer as JSON")
+	// A volume no hemd serves may be on RBD: these reach its cluster.
+	var ceph cephSettings
+	ceph.flags(fs)
 	if err := parse(fs, args, 1, "VOLUME"); err != nil {
 		return err
 	}
@@ -209,7 +211,7 @@ func volumeResizeCommand(ctx context.Context, g globalFlags, args []string, stdo
 	case asked == nil:
 	case errors.Is(asked, errNoControl) || errors.As(asked, &ce) && ce.code == codeNotServed:
 		// No hemd serves it here: grow it offline.
-		a, err := resizeOffline(g.Log, fs.Arg(0), req, path, asked)
+		a, err := resizeOffline(ctx, g.Log, volumeConfig{Path: fs.Arg(0), cephSettings: ceph}, req, path, asked)
 		if err != nil {
 			return err
 		}
@@ -234,14 +236,14 @@ func volumeResizeCommand(ctx context.Context, g globalFlags, args []string, stdo
 
 // resizeOffline grows a volume no hemd serves (here), holding its lock: a
 // hemd that writes it elsewhere makes it refuse, naming that hemd.
-func resizeOffline(log *slog.Logger, name string, req volumeRequest, control string, asked error) (*resizeAnswer, error) {
-	st, err := storage.Open(name, storage.Options{})
+//
+// The volume is a file or block device, or an RBD image (v.Path
+// rbd:POOL/IMAGE, its cluster in v's ceph settings), held by its exclusive
+// lock.
+func resizeOffline(ctx context.Context, log *slog.Logger, v volumeConfig, req volumeRequest, control string, asked error) (*resizeAnswer, error) {
+	name := v.Path
+	st, lk, err := openBacking(ctx, v, "", log)
 	if err != nil {
-		return nil, fmt.Errorf("volume resize %s: %w", name, err)
-	}
-	lk, err := st.NewLock(storage.LockOptions{Log: log})
-	if err != nil {
-		st.Close()
 		return nil, fmt.Errorf("volume resize %s: %w", name, err)
 	}
 	defer lk.Close()

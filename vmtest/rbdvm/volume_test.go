@@ -71,6 +71,24 @@ func TestRBDVolumeCommands(t *testing.T) {
 	if !bytes.HasPrefix(stored, []byte("HEMDVOL\x00")) || len(stored) != 1<<20+len(want) {
 		t.Fatalf("the image is not a hemd volume of the right size (%d bytes)", len(stored))
 	}
+	// A volume grown offline (no hemd serves it): the image and both header
+	// copies, the data kept. (The new blocks read as never-written blocks
+	// do, as random data: docs/volume-format.md.)
+	gvol := imageName(t)
+	gid := cli(t, state, "volume", "import", "--from", raw, "--key", "alias/rbd", gvol)
+	grown := cli(t, state, "volume", "resize", "--control", "none", "--size", "+4M", gvol)
+	if !strings.Contains(grown, "grown offline") {
+		t.Fatalf("volume resize printed %q", grown)
+	}
+	if gh := inspect(t, state, gvol); gh["size_bytes"] != float64(len(want)+4<<20) || gh["volume_id"] != gid {
+		t.Fatalf("inspect after resize: %v", gh)
+	}
+	if got := exportOf(t, state, gvol); len(got) != len(want)+4<<20 || !bytes.Equal(got[:len(want)], want) {
+		t.Fatalf("the export after the resize: %d bytes, the data kept %v", len(got), len(got) >= len(want) && bytes.Equal(got[:len(want)], want))
+	}
+	if out, err := cliErr(state, "volume", "resize", "--control", "none", "--size", "1M", gvol); err == nil || !strings.Contains(out, "shrink") {
+		t.Fatalf("shrinking an RBD volume: %v\n%s", err, out)
+	}
 	// An import into an existing volume is refused while another process
 	// holds it... and the holder is named.
 	if out, err := cliErr(state, "volume", "create", "--size", "1M", "--key", "alias/rbd", vol); err == nil || !strings.Contains(out, "exist") {
