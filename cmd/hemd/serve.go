@@ -279,6 +279,7 @@ func openServed(ctx context.Context, v volumeConfig, log *slog.Logger, kmsFor fu
 		ID: s.cfg.ID, Store: store, BlockSize: s.cfg.BlockSize, ReadOnly: v.ReadOnly,
 		Discard: v.Discard, Queues: v.Queues, Log: vl,
 		Claim: lock, Incoming: v.Incoming, Limits: v.limits(),
+		Remote: s.io == ioRBD,
 	}
 	if s.keys != nil {
 		cfg.Keys = s.keys
@@ -306,6 +307,11 @@ func openServed(ctx context.Context, v volumeConfig, log *slog.Logger, kmsFor fu
 	}
 	s.ln, s.dev = ln, dev
 	s.srv = &vhost.Server{Device: dev, Log: vl, IdleWarn: idleWarn, IdleHint: ln.Access()}
+	if s.io == ioRBD {
+		// librbd's threads and, on a small host, the OSDs need the CPU
+		// a queue would spin on; librbd completes I/O in hundreds of µs.
+		s.srv.PollTime = -1
+	}
 	return s, nil
 }
 

@@ -42,6 +42,8 @@ type rigOpts struct {
 	msgTimeout time.Duration
 	// pollTime is the server's PollTime (its default if zero).
 	pollTime time.Duration
+	// wrapBatch, if set, wraps each batch the device opens.
+	wrapBatch func(Batch) Batch
 }
 
 func testLogger(t *testing.T) *slog.Logger {
@@ -75,7 +77,12 @@ func newRig(t *testing.T, o rigOpts) *rig {
 	cfg := o.cfg
 	cfg.Store = st
 	if !o.sync {
-		cfg.Store = WithBatches(st, func(d int) Batch { return st.NewBatch(d, false) })
+		cfg.Store = WithBatches(st, func(d int) Batch {
+			if o.wrapBatch != nil {
+				return o.wrapBatch(st.NewBatch(d, false))
+			}
+			return st.NewBatch(d, false)
+		})
 	}
 	if cfg.ID == "" {
 		cfg.ID = "vol-0123456789abcdef0"

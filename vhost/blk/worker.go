@@ -12,6 +12,11 @@ import (
 // never modified by a write.
 const bounceSize = 1 << 20
 
+// remoteBounceSize is the bounce buffer of a queue on a remote store
+// (Config.Remote): a batch of 32 writes of 128 KiB in flight at once, as
+// qemu-storage-daemon's rbd driver has.
+const remoteBounceSize = 4 << 20
+
 // readChunk is the most bytes of encrypted reads a queue runs together
 // (worker.readChunk): decrypted right after the kernel's copy, they are
 // still in the core's cache (measured against 1 GiB, i.e. a whole batch:
