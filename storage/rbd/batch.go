@@ -9,6 +9,7 @@ package rbd
 import "C"
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -206,6 +207,10 @@ func (s *Section) Grow(size int64) error {
 	s.size.Store(size)
 	return nil
 }
+
+// Reachable tells whether the cluster can serve the section's image now
+// (Image.Reachable).
+func (s *Section) Reachable(ctx context.Context) error { return s.m.Reachable(ctx) }
 
 // ReadAtv reads bufs at off within the section.
 func (s *Section) ReadAtv(bufs [][]byte, off int64) (int, error) {

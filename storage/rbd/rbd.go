@@ -102,6 +102,7 @@ import "C"
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -297,6 +298,9 @@ type Options struct {
 
 // ErrDiscardOff means discard was not enabled for this image.
 var ErrDiscardOff = errors.New("discard is not enabled for this volume")
+
+// ErrUnreachable is a cluster that cannot serve an image now (Reachable).
+var ErrUnreachable = errors.New("the cluster cannot serve the image")
 
 // Image is an open RBD image (or a snapshot of one, read-only). Its I/O
 // methods are safe for concurrent use; librbd keeps many transfers in
@@ -644,4 +648,45 @@ func (m *Image) Close() error {
 	m.img = nil
 	m.conn.release()
 	return err
+}
+
+// Reachable tells whether the cluster can serve the image now, without
+// touching the image (whose I/O would wait for an OSD as long as it takes):
+// its monitors answer, within the connection's timeout, and at least one OSD
+// is up. hemd asks before a front-end sees the disk, so that a VM is refused
+// a volume whose cluster is gone instead of hanging on its first read. The
+// error names the cluster and the image.
+func (m *Image) Reachable(ctx context.Context) error {
+	if m.isClosed() {
+		return fmt.Errorf("%s: %w", m.name, os.ErrClosed)
+	}
+	type answer struct {
+		out []byte
+		err error
+	}
+	ch := make(chan answer, 1)
+	go func() {
+		out, _, err := m.conn.conn.MonCommand([]byte(`{"prefix": "osd stat", "format": "json"}`))
+		ch <- answer{out, err}
+	}()
+	var a answer
+	select {
+	case a = <-ch:
+	case <-ctx.Done():
+		return fmt.Errorf("%s on %s: the monitors did not answer: %w", m.name, m.conn, ctx.Err())
+	}
+	if a.err != nil {
+		return fmt.Errorf("%s on %s: the monitors did not answer: %w", m.name, m.conn, connectError(a.err, m.conn.cluster.Timeout))
+	}
+	var st struct {
+		NumOSDs   int `json:"num_osds"`
+		NumUpOSDs int `json:"num_up_osds"`
+	}
+	if err := json.Unmarshal(a.out, &st); err != nil {
+		return fmt.Errorf("%s on %s: osd stat: %w", m.name, m.conn, err)
+	}
+	if st.NumUpOSDs == 0 {
+		return fmt.Errorf("%s on %s: %w: none of its %d OSDs is up", m.name, m.conn, ErrUnreachable, st.NumOSDs)
+	}
+	return nil
 }

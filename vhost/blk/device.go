@@ -332,9 +332,22 @@ func (d *Device) SetConfig(offset uint32, data []byte) error {
 // MaxQueues implements vhost.Device.
 func (d *Device) MaxQueues() int { return d.cfg.Queues }
 
-// Check implements vhost.Checker: a volume whose keys cannot be attached is
-// refused before the guest sees it.
+// Reachabler is a Store that can tell, before a front-end sees the disk,
+// whether it can serve I/O now (an RBD image whose cluster is up); its
+// I/O would otherwise wait as long as the storage is gone.
+type Reachabler interface {
+	Reachable(ctx context.Context) error
+}
+
+// Check implements vhost.Checker: a volume whose storage cannot serve it, or
+// whose keys cannot be attached, is refused before the guest sees it.
 func (d *Device) Check(ctx context.Context) error {
+	if r, ok := d.cfg.Store.(Reachabler); ok {
+		if err := r.Reachable(ctx); err != nil {
+			d.log.Error("volume refused: storage unreachable", "err", err)
+			return fmt.Errorf("volume %s: %w", d.cfg.ID, err)
+		}
+	}
 	if d.cfg.Keys == nil {
 		return nil
 	}
