@@ -121,17 +121,22 @@ func (s *controlServer) handle(op string, h controlHandler) { s.handlers[op] = h
 // serve answers connections until ctx ends, then closes the socket and
 // waits for the operations in progress, which see ctx end.
 func (s *controlServer) serve(ctx context.Context) {
+	// Accept returns as soon as the listener is closed, before its Close
+	// has removed the socket: serve returns only once that is done (a
+	// second Do waits for the first).
+	var once sync.Once
+	closeLn := func() { once.Do(func() { s.ln.Close() }) }
 	go func() {
 		<-ctx.Done()
-		s.ln.Close()
+		closeLn()
 	}()
 	for {
 		c, err := s.ln.Accept()
 		if err != nil {
 			if ctx.Err() == nil {
 				s.log.Error("control socket: accept", "socket", s.path, "err", err)
-				s.ln.Close()
 			}
+			closeLn()
 			break
 		}
 		s.wg.Add(1)
