@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -37,6 +38,18 @@ func (s *Served) Log() []string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return append([]string(nil), s.log...)
+}
+
+// HasEvent reports whether a line of log (a back-end's, Served.Log) is
+// event ("event=attach", ...) about the volume volID.
+func HasEvent(log []string, event, volID string) bool {
+	re := regexp.MustCompile(regexp.QuoteMeta(event) + `\b.*volume=` + regexp.QuoteMeta(volID))
+	for _, l := range log {
+		if re.MatchString(l) {
+			return true
+		}
+	}
+	return false
 }
 
 // Stop sends SIGTERM and waits for the back-end to exit.

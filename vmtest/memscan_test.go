@@ -109,7 +109,7 @@ sleep 600
 	}
 	vm.Kill() // the VM stops: QEMU closes the socket
 	deadline := time.Now().Add(10 * time.Second)
-	for !hasEvent(srv.Log(), "event=zeroize", h["volume_id"].(string)) || strings.Contains(lastEvent(srv.Log()), "event=attach ") {
+	for !HasEvent(srv.Log(), "event=zeroize", h["volume_id"].(string)) || strings.Contains(lastEvent(srv.Log()), "event=attach ") {
 		if time.Now().After(deadline) {
 			t.Fatal("hemd did not zeroize after the VM stopped")
 		}

@@ -100,13 +100,13 @@ func liveMigration(t *testing.T, m migration) (src, dst *Served, dstVM *VM) {
 	if !waitLog(src, "event=zeroize", volID, 10*time.Second) {
 		t.Fatal("source hemd did not zeroize the data key at the end of migration")
 	}
-	if !hasEvent(dst.Log(), "event=attach", volID) {
+	if !HasEvent(dst.Log(), "event=attach", volID) {
 		t.Fatal("destination hemd did not attach the volume")
 	}
 	if auditCount(t, state, "Decrypt") <= decrypts {
 		t.Fatal("no KMS Decrypt for the destination's attach")
 	}
-	if !hasEvent(src.Log(), "event=hand-off", volID) || !hasEvent(dst.Log(), "event=take-over", volID) {
+	if !HasEvent(src.Log(), "event=hand-off", volID) || !HasEvent(dst.Log(), "event=take-over", volID) {
 		t.Fatal("the source did not hand the volume off, or the destination did not take it over")
 	}
 	if out := h.Refused(t, vol); !strings.Contains(out, "pid "+strconv.Itoa(dst.Pid())) || !strings.Contains(out, dst.Socket) {
@@ -131,7 +131,7 @@ func hasLine(log []string, re string) bool {
 // waitLog waits for event about volID in s's log.
 func waitLog(s *Served, event, volID string, d time.Duration) bool {
 	for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
-		if hasEvent(s.Log(), event, volID) {
+		if HasEvent(s.Log(), event, volID) {
 			return true
 		}
 	}

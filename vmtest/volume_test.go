@@ -3,11 +3,9 @@ package vmtest
 import (
 	"bytes"
 	"encoding/json"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -117,7 +115,7 @@ func TestEncryptedVolume(t *testing.T) {
 	if first < 1 {
 		t.Fatalf("no KMS Decrypt for the first attach")
 	}
-	if !hasEvent(srv.Log(), "event=attach", volID) || !hasEvent(srv.Log(), "event=zeroize", volID) {
+	if !HasEvent(srv.Log(), "event=attach", volID) || !HasEvent(srv.Log(), "event=zeroize", volID) {
 		t.Fatal("hemd logged no attach and zeroize events for the volume")
 	}
 
@@ -180,15 +178,3 @@ func TestEncryptedVolume(t *testing.T) {
 	}
 	t.Logf("attach refused as expected; first attach made %d Decrypt call(s)", first)
 }
-
-func hasEvent(log []string, event, volID string) bool {
-	re := regexp.MustCompile(regexp.QuoteMeta(event) + `\b.*volume=` + regexp.QuoteMeta(volID))
-	for _, l := range log {
-		if re.MatchString(l) {
-			return true
-		}
-	}
-	return false
-}
-
-var _ = fmt.Sprint

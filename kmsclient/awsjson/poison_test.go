@@ -12,7 +12,6 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -23,7 +22,6 @@ import (
 	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
 	"github.com/aws/aws-sdk-go-v2/service/kms"
 	"github.com/aws/aws-sdk-go-v2/service/kms/types"
-	"github.com/hemd/hemd/kmsclient/hsm"
 	"github.com/hemd/hemd/kmsclient/recipient"
 )
 
@@ -43,16 +41,7 @@ const (
 // administrator and a grants-only host ("host-1").
 func poisonServe(t *testing.T) string {
 	t.Helper()
-	if _, err := os.Stat(hsm.DefaultModule); err != nil {
-		t.Fatalf("SoftHSM2 is needed (%v): apt-get install softhsm2", err)
-	}
-	t.Setenv("SOFTHSM2_CONF", "")
-	os.Unsetenv("SOFTHSM2_CONF")
-	k, err := hsm.Open(hsm.Config{}, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { k.Close() })
+	k := openKMS(t)
 	srv := httptest.NewServer(&Server{KMS: k, Region: "local", Principals: []Principal{
 		{AccessKeyID: poisonAdminKey, SecretAccessKey: poisonAdminSecret, Name: "admin"},
 		{AccessKeyID: poisonHostKey, SecretAccessKey: poisonHostSecret, Name: "host-1", GrantsOnly: true},

@@ -41,7 +41,7 @@ func TestRBDServe(t *testing.T) {
 	// the holder take it.
 	snap := cli(t, v.state, "snapshot", "create", v.name)
 	srv.Stop(t)
-	if !hasEvent(srv.Log(), "event=attach", v.id) {
+	if !vmtest.HasEvent(srv.Log(), "event=attach", v.id) {
 		t.Fatal("hemd logged no attach")
 	}
 	if b := rbdExport(t, v.name); bytes.Contains(b, []byte("HEMD-RBD-GUEST-PLAINTEXT")) {

@@ -67,7 +67,7 @@ func TestRBDCloudImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	srv.Stop(t)
-	if !hasEvent(srv.Log(), "event=attach", volID) {
+	if !vmtest.HasEvent(srv.Log(), "event=attach", volID) {
 		t.Fatal("hemd logged no attach")
 	}
 	stored := filepath.Join(dir, "stored.img")

@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -134,21 +133,10 @@ func soakScript(seconds, workers int, seed uint64) string {
 		" 0 16777216 " + strconv.FormatUint(seed, 10) + "\nsleep 600\n"
 }
 
-// hasEvent reports whether hemd logged event for volID.
-func hasEvent(log []string, event, volID string) bool {
-	re := regexp.MustCompile(regexp.QuoteMeta(event) + `\b.*volume=` + regexp.QuoteMeta(volID))
-	for _, l := range log {
-		if re.MatchString(l) {
-			return true
-		}
-	}
-	return false
-}
-
 // waitEvent waits for event about volID in s's log.
 func waitEvent(s *vmtest.Served, event, volID string, d time.Duration) bool {
 	for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
-		if hasEvent(s.Log(), event, volID) {
+		if vmtest.HasEvent(s.Log(), event, volID) {
 			return true
 		}
 	}
