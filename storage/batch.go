@@ -23,7 +23,11 @@ type Batch struct {
 	res  []int32 // io_uring result of each op
 	// ringWrites sends buffered writes through the ring too (measurement).
 	ringWrites bool
-	broken     error // why there is no ring (refused, broken, not asked for)
+	// asyncMin: buffered reads of at least this many bytes go to the
+	// kernel's worker threads (IOSQE_ASYNC) and each is done as soon as it
+	// completes (0: never). SetAsyncReads.
+	asyncMin int
+	broken   error // why there is no ring (refused, broken, not asked for)
 }
 
 // Results that are not the kernel's: an op not handed to the ring (done
@@ -33,6 +37,7 @@ const (
 	resSync = math.MinInt32 + iota
 	resPending
 	resBroken
+	resDone // reported to done as it completed (SetAsyncReads)
 )
 
 type batchOp struct {
@@ -68,6 +73,25 @@ func (s *File) newBatch(depth int, base int64, sync bool) *Batch {
 
 var errSyncAsked = errors.New("one system call per transfer was asked for")
 
+// SetAsyncReads makes buffered reads of at least min bytes (0: none) run on
+// the kernel's io_uring worker threads, at most workers of them (0: the
+// kernel's limit), instead of inline in the submitting thread; Run then
+// reports each read as soon as it completes, while later ones are still
+// being copied. So the copies of large reads from the page cache run on
+// another core while the caller works on the reads already done (hemd
+// decrypts them): measured in vhost/blk/PERFORMANCE.md. It is a no-op
+// without a ring.
+func (b *Batch) SetAsyncReads(min int, workers uint32) error {
+	if b.ring == nil {
+		return nil
+	}
+	b.asyncMin = min
+	if min > 0 && workers > 0 {
+		return b.ring.SetMaxWorkers(workers, 0)
+	}
+	return nil
+}
+
 // Uring reports whether the batch submits through io_uring.
 func (b *Batch) Uring() bool { return b.ring != nil }
 
@@ -99,8 +123,9 @@ func (b *Batch) queue(write bool, bufs [][]byte, off int64) bool {
 	return true
 }
 
-// Run carries out the queued transfers and calls done(i, err) for each, in
-// queue order. A transfer is done in full: a short one is finished with
+// Run carries out the queued transfers and calls done(i, err) once for
+// each: in queue order, except that with SetAsyncReads an asynchronous read
+// is reported as soon as it completes. A transfer is done in full: a short one is finished with
 // preadv or pwritev, past the end of the file reads as zeros. The batch is
 // empty afterwards.
 func (b *Batch) Run(done func(i int, err error)) {
@@ -131,7 +156,7 @@ func (b *Batch) Run(done func(i int, err error)) {
 		}
 		return
 	}
-	if err := b.submit(); err != nil {
+	if err := b.submit(done); err != nil {
 		// The ring broke. A transfer it did not complete fails: the kernel
 		// may still carry it out, so doing it again here could race with
 		// it. Later batches make one system call per transfer.
@@ -145,7 +170,9 @@ func (b *Batch) Run(done func(i int, err error)) {
 		b.broken = err
 	}
 	for i := range b.ops {
-		done(i, b.finish(&b.ops[i], b.res[i]))
+		if b.res[i] != resDone {
+			done(i, b.finish(&b.ops[i], b.res[i]))
+		}
 	}
 }
 
@@ -162,9 +189,10 @@ func (b *Batch) writes() bool {
 	return false
 }
 
-// submit hands every op to the ring and waits for all of them.
-func (b *Batch) submit() error {
-	full := false
+// submit hands every op to the ring and waits for all of them; an
+// asynchronous read done in full goes to done as it completes.
+func (b *Batch) submit(done func(i int, err error)) error {
+	full, async := false, false
 	for i := range b.ops {
 		op := &b.ops[i]
 		fd := b.f.pick(op.bufs, op.off)
@@ -192,6 +220,9 @@ func (b *Batch) submit() error {
 		var ok bool
 		if op.write {
 			ok = b.ring.Writev(fd, op.iov, op.off, uint64(i))
+		} else if b.asyncMin > 0 && op.n >= b.asyncMin && fd == b.f.fd {
+			ok = b.ring.ReadvAsync(fd, op.iov, op.off, uint64(i))
+			async = async || ok
 		} else {
 			ok = b.ring.Readv(fd, op.iov, op.off, uint64(i))
 		}
@@ -201,10 +232,23 @@ func (b *Batch) submit() error {
 			b.res[i], full = resSync, true
 		}
 	}
-	return b.ring.Submit(func(user uint64, res int32) {
-		if user < uint64(len(b.ops)) {
-			b.res[user] = res
+	if !async {
+		return b.ring.Submit(func(user uint64, res int32) {
+			if user < uint64(len(b.ops)) {
+				b.res[user] = res
+			}
+		})
+	}
+	return b.ring.SubmitEach(func(user uint64, res int32) {
+		if user >= uint64(len(b.ops)) {
+			return
 		}
+		if op := &b.ops[user]; !op.write && int(res) == op.n {
+			b.res[user] = resDone
+			done(int(user), nil)
+			return
+		}
+		b.res[user] = res
 	})
 }
 

@@ -12,15 +12,21 @@ import (
 // the same bytes in the file and read the same bytes back, for transfers of
 // any shape: odd buffer sizes, more buffers than one readv takes, reads past
 // the end of the file, O_DIRECT-aligned and not, buffered writes through the
-// ring or not.
+// ring or not, buffered reads on the kernel's worker threads or inline.
 func TestBatchMatchesSync(t *testing.T) {
-	for _, mode := range []struct{ direct, ringWrites bool }{{false, false}, {false, true}, {true, false}} {
+	for _, mode := range []struct{ direct, ringWrites, async bool }{{false, false, false}, {false, true, false}, {true, false, false}, {false, false, true}, {true, false, true}} {
 		direct := mode.direct
 		const size = 4 << 20
 		fu, pu := newFile(t, size, Options{Direct: direct})
 		fs, ps := newFile(t, size, Options{Direct: direct})
 		bu, bs := fu.NewBatch(16, false), fs.NewBatch(16, true)
 		bu.ringWrites = mode.ringWrites
+		if mode.async {
+			// Every buffered read goes to the kernel's workers.
+			if err := bu.SetAsyncReads(1, 2); err != nil {
+				t.Fatal(err)
+			}
+		}
 		defer bu.Close()
 		defer bs.Close()
 		if !bu.Uring() {
@@ -87,11 +93,14 @@ func TestBatchMatchesSync(t *testing.T) {
 						t.Fatalf("round %d: batch full after %d ops", round, len(got[k]))
 					}
 				}
-				calls := 0
+				calls, seen := 0, make([]bool, len(ops))
 				b.Run(func(i int, err error) {
-					if i != calls {
-						t.Fatalf("round %d: done(%d) out of order, want %d", round, i, calls)
+					// In queue order, but an asynchronous read is reported
+					// as it completes.
+					if seen[i] || (i != calls && !(mode.async && b == bu)) {
+						t.Fatalf("round %d: done(%d) out of order or twice, call %d", round, i, calls)
 					}
+					seen[i] = true
 					calls++
 					if err != nil {
 						t.Fatalf("round %d op %d (%+v): %v", round, i, ops[i], err)

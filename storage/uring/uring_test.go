@@ -424,3 +424,48 @@ func BenchmarkBatch32x4K(b *testing.B) {
 		}
 	})
 }
+
+// Reads handed to the kernel's worker threads (ReadvAsync), with the
+// workers bounded (SetMaxWorkers) and each completion reported as it comes
+// (SubmitEach), read the same bytes as inline ones, and fn sees every op
+// exactly once.
+func TestAsyncReadsEach(t *testing.T) {
+	r := newRing(t, 32)
+	if err := r.SetMaxWorkers(1, 0); err != nil {
+		t.Fatal(err)
+	}
+	const n, size = 24, 64 << 10
+	data := make([]byte, n*size)
+	rng := rand.New(rand.NewPCG(3, 4))
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	f := tempFile(t, 0)
+	if _, err := f.WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	fd := int(f.Fd())
+	bufs := make([][]byte, n)
+	want := map[uint64]int32{}
+	for i := range n {
+		bufs[i] = make([]byte, size)
+		read := r.ReadvAsync
+		if i%3 == 0 {
+			read = r.Readv // mixed with inline reads
+		}
+		if !read(fd, iovecs(bufs[i], size/2, 512), int64(i*size), uint64(i)) {
+			t.Fatalf("read %d refused", i)
+		}
+		want[uint64(i)] = size
+	}
+	got := results{}
+	if err := r.SubmitEach(got.add(t)); err != nil {
+		t.Fatal(err)
+	}
+	got.check(t, want)
+	for i := range n {
+		if !bytes.Equal(bufs[i], data[i*size:(i+1)*size]) {
+			t.Fatalf("read %d differs", i)
+		}
+	}
+}

@@ -1,6 +1,7 @@
 package blk
 
 import (
+	"math"
 	"time"
 
 	"github.com/hemd/hemd/vhost/virtq"
@@ -28,6 +29,25 @@ type Batch interface {
 	Run(done func(i int, err error))
 	Close() error
 }
+
+// AsyncReader is a Batch that can hand large reads to the kernel's worker
+// threads and report each as soon as it completes (storage.Batch: buffered
+// reads with IOSQE_ASYNC). min is the least size of such a read, workers the
+// most kernel threads doing them.
+type AsyncReader interface {
+	SetAsyncReads(min int, workers uint32) error
+}
+
+// asyncReadMinDefault and asyncReadWorkers: an encrypted volume's reads of
+// 64 KiB and more are copied from the page cache by at most 2 kernel
+// threads while the queue decrypts those already done. Measured against
+// reading inline (vhost/blk/PERFORMANCE.md): 128 KiB reads 1.25x with one
+// queue, 1.56x with two. A plain volume keeps reading inline: its copy is
+// all the work there is, and handing it off lost (0.55x and 0.74x).
+const (
+	asyncReadMinDefault = 64 << 10
+	asyncReadWorkers    = 2
+)
 
 // WithBatches returns st with the batches newBatch makes: the caller wires
 // in its storage's io_uring batches.
@@ -82,6 +102,7 @@ func (w *worker) HandleBatch(cs []*virtq.Chain, written []uint32) {
 				w.dev.log.Debug("batched I/O not available: one system call per request", "queue", w.queue, "err", err)
 			} else {
 				bs.b, bs.done = b, w.completeOp
+				w.asyncReads(b)
 			}
 		}
 	}
@@ -120,6 +141,25 @@ func (w *worker) HandleBatch(cs []*virtq.Chain, written []uint32) {
 		w.observe(r, time.Since(t0))
 	}
 	w.runBatch()
+}
+
+// asyncReads sets up an encrypted queue's batch to copy large reads on
+// kernel threads and report each as it completes: a batch's reads then all
+// go in flight together (no read chunks), each decrypted as soon as it is
+// in guest memory (completeOp) while the kernel copies the next ones.
+func (w *worker) asyncReads(b Batch) {
+	ar, ok := b.(AsyncReader)
+	min := w.dev.asyncReadMin
+	if !ok || w.xform == nil || w.dev.cfg.Remote || min <= 0 || w.cryptCPUs >= splitCPUs {
+		return
+	}
+	if err := ar.SetAsyncReads(min, asyncReadWorkers); err != nil {
+		w.dev.log.Debug("large reads stay inline", "queue", w.queue, "err", err)
+		_ = ar.SetAsyncReads(0, 0)
+		return
+	}
+	w.readChunk = math.MaxInt
+	w.dev.log.Debug("large reads copied by kernel threads, decrypted as each completes", "queue", w.queue, "min_bytes", min)
 }
 
 // enqueue queues the transfer of a read or write request; false means it
@@ -203,10 +243,18 @@ func (w *worker) completeOp(k int, err error) {
 		w.stats.Reads.Add(1)
 		if err == nil {
 			if w.xform != nil {
-				// Decrypted in runBatch once the batch is done; the
-				// chain is published only after HandleBatch returns.
-				w.decs = append(w.decs, cryptTask{data: r.data, n: int(r.length), decrypt: true,
-					unit0: r.sector * sectorSize / uint64(w.xform.UnitSize())})
+				t := cryptTask{data: r.data, n: int(r.length), decrypt: true,
+					unit0: r.sector * sectorSize / uint64(w.xform.UnitSize())}
+				if w.cryptCPUs < splitCPUs {
+					// Decrypted now, while the batch's later reads may
+					// still be copied by the kernel (asyncReads); the
+					// chain is published only after HandleBatch returns.
+					w.runTasks([]cryptTask{t}, w.scratch)
+				} else {
+					// Decrypted in runBatch once the batch is done,
+					// shared with the helper.
+					w.decs = append(w.decs, t)
+				}
 			}
 			w.stats.BytesRead.Add(r.length)
 			n = uint32(r.length)

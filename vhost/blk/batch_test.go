@@ -16,15 +16,24 @@ import (
 // One kick brings many requests of every kind: the batched path (reads
 // through io_uring, writes between them, flush, GET_ID and bad requests in
 // order) completes each with the status and data the one-at-a-time path
-// gives, on a plain and on an encrypted disk.
+// gives, on a plain and on an encrypted disk; on the encrypted one also with
+// every read copied by the kernel's workers and decrypted as it completes
+// (asyncReads), and with none.
 func TestMixedBatch(t *testing.T) {
 	for _, enc := range []bool{false, true} {
-		for _, sync := range []bool{false, true} {
+		for _, mode := range []struct {
+			sync     bool
+			asyncMin int
+		}{{false, 0}, {true, 0}, {false, 1}, {false, -1}} {
+			sync := mode.sync
+			if !enc && mode.asyncMin != 0 {
+				continue
+			}
 			cfg := Config{}
 			if enc {
 				cfg.Keys = &testKeys{unit: 512}
 			}
-			r := newRig(t, rigOpts{sync: sync, cfg: cfg})
+			r := newRig(t, rigOpts{sync: sync, cfg: cfg, asyncReadMin: mode.asyncMin})
 			capacity := r.dev.Capacity() / sectorSize
 			// Batch 1: 16 writes of distinct ranges, odd splits included,
 			// with a flush, a GET_ID and a request past the end among them.

@@ -152,6 +152,10 @@ type Device struct {
 	// workers[i] is queue i's handler while it runs (Handler, Interrupt:
 	// both on the session goroutine).
 	workers []*worker
+	// asyncReadMin: on an encrypted volume, reads of at least this many
+	// bytes go to the kernel's worker threads when the store's batch can
+	// (AsyncReader); 0: never. asyncReadMinDefault, lowered by tests.
+	asyncReadMin int
 }
 
 // New checks cfg and returns the device.
@@ -190,13 +194,14 @@ func New(cfg Config) (*Device, error) {
 		return nil, fmt.Errorf("blk: %w", err)
 	}
 	d := &Device{
-		cfg:      cfg,
-		claimed:  cfg.Claim != nil && !cfg.Incoming,
-		log:      cfg.Log,
-		stats:    make([]Stats, cfg.Queues),
-		serial:   serial,
-		throttle: th,
-		workers:  make([]*worker, cfg.Queues),
+		cfg:          cfg,
+		claimed:      cfg.Claim != nil && !cfg.Incoming,
+		log:          cfg.Log,
+		stats:        make([]Stats, cfg.Queues),
+		serial:       serial,
+		throttle:     th,
+		asyncReadMin: asyncReadMinDefault,
+		workers:      make([]*worker, cfg.Queues),
 	}
 	d.lim.Store(&limits{
 		capacity:    uint64(size) / sectorSize,

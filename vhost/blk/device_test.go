@@ -44,6 +44,8 @@ type rigOpts struct {
 	pollTime time.Duration
 	// wrapBatch, if set, wraps each batch the device opens.
 	wrapBatch func(Batch) Batch
+	// asyncReadMin, if set, is the device's asyncReadMin (-1: 0).
+	asyncReadMin int
 }
 
 func testLogger(t *testing.T) *slog.Logger {
@@ -94,6 +96,9 @@ func newRig(t *testing.T, o rigOpts) *rig {
 	dev, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if o.asyncReadMin != 0 {
+		dev.asyncReadMin = max(o.asyncReadMin, 0)
 	}
 	sock := filepath.Join(dir, "blk.sock")
 	ln, err := vhost.Listen(sock)
