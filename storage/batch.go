@@ -125,9 +125,9 @@ func (b *Batch) queue(write bool, bufs [][]byte, off int64) bool {
 
 // Run carries out the queued transfers and calls done(i, err) once for
 // each: in queue order, except that with SetAsyncReads an asynchronous read
-// is reported as soon as it completes. A transfer is done in full: a short one is finished with
-// preadv or pwritev, past the end of the file reads as zeros. The batch is
-// empty afterwards.
+// is reported as soon as it completes. A transfer is done in full: a short
+// one is finished with preadv or pwritev, past the end of the file reads as
+// zeros. The batch is empty afterwards.
 func (b *Batch) Run(done func(i int, err error)) {
 	if len(b.ops) == 0 {
 		return

@@ -41,9 +41,10 @@ type AsyncReader interface {
 // asyncReadMinDefault and asyncReadWorkers: an encrypted volume's reads of
 // 64 KiB and more are copied from the page cache by at most 2 kernel
 // threads while the queue decrypts those already done. Measured against
-// reading inline (vhost/blk/PERFORMANCE.md): 128 KiB reads 1.25x with one
-// queue, 1.56x with two. A plain volume keeps reading inline: its copy is
-// all the work there is, and handing it off lost (0.55x and 0.74x).
+// reading inline, both with COOP_TASKRUN rings (vhost/blk/PERFORMANCE.md):
+// 128 KiB reads 1.25x with one queue, 1.55x with two. A plain volume keeps
+// reading inline: its copy is all the work there is, and handing it off
+// lost (0.55x and 0.74x).
 const (
 	asyncReadMinDefault = 64 << 10
 	asyncReadWorkers    = 2
