@@ -57,6 +57,8 @@ test: deps vet build test-unit test-vm
 
 test-unit:
 	$(GO) test -race -timeout 15m $$($(GO) list ./... | grep -v /vmtest)
+	# The virtio-blk tests again with every queue streaming over O_DIRECT.
+	$(GO) test -race -timeout 5m ./vhost/blk -args -stream
 
 test-vm:
 	$(GO) test -timeout 40m -v ./vmtest/... 2>&1 | tee $(BUILD)/vmtest.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|HEMD-RESULT|vmtest:'; \

@@ -37,37 +37,7 @@ func TestBatchMatchesSync(t *testing.T) {
 		}
 		rng := rand.New(rand.NewPCG(1, uint64(len(pu))))
 		for round := range 300 {
-			var ops []testOp
-			for range 1 + rng.IntN(16) {
-				o := testOp{write: rng.IntN(2) == 0, off: int64(rng.IntN(size/512)) * 512}
-				nb := 1 + rng.IntN(4)
-				if rng.IntN(50) == 0 {
-					nb = 1500 // past IOV_MAX
-				}
-				for range nb {
-					l := 512 * (1 + rng.IntN(16))
-					if rng.IntN(4) == 0 {
-						l = 1 + rng.IntN(3000) // not O_DIRECT-aligned
-					}
-					o.lens = append(o.lens, l)
-				}
-				if !o.write && rng.IntN(10) == 0 {
-					o.off = size - 1024 // runs past the end: zeros
-				}
-				if o.write && o.off+int64(sum(o.lens)) > size {
-					o.off = size - int64(sum(o.lens))
-					o.off -= o.off % 512
-					if o.off < 0 {
-						continue
-					}
-				}
-				if overlaps(ops, o) {
-					// Transfers in flight together have no order (nor do a
-					// guest's): a batch never holds overlapping ones.
-					continue
-				}
-				ops = append(ops, o)
-			}
+			ops := randomOps(rng, size)
 			var got [2][][][]byte
 			for k, b := range []*Batch{bu, bs} {
 				for _, o := range ops {
@@ -128,6 +98,41 @@ type testOp struct {
 	write bool
 	off   int64
 	lens  []int
+}
+
+// randomOps returns up to 16 transfers of any shape on a file of size bytes:
+// odd buffer sizes, more buffers than one readv takes, reads past the end,
+// O_DIRECT-aligned and not; no two overlap (transfers in flight together
+// have no order, nor do a guest's).
+func randomOps(rng *rand.Rand, size int) []testOp {
+	var ops []testOp
+	for range 1 + rng.IntN(16) {
+		o := testOp{write: rng.IntN(2) == 0, off: int64(rng.IntN(size/512)) * 512}
+		nb := 1 + rng.IntN(4)
+		if rng.IntN(50) == 0 {
+			nb = 1500 // past IOV_MAX
+		}
+		for range nb {
+			l := 512 * (1 + rng.IntN(16))
+			if rng.IntN(4) == 0 {
+				l = 1 + rng.IntN(3000) // not O_DIRECT-aligned
+			}
+			o.lens = append(o.lens, l)
+		}
+		if !o.write && rng.IntN(10) == 0 {
+			o.off = int64(size) - 1024 // runs past the end: zeros
+		}
+		if o.write && o.off+int64(sum(o.lens)) > int64(size) {
+			o.off = (int64(size) - int64(sum(o.lens))) &^ 511
+			if o.off < 0 {
+				continue
+			}
+		}
+		if !overlaps(ops, o) {
+			ops = append(ops, o)
+		}
+	}
+	return ops
 }
 
 func overlaps(ops []testOp, o testOp) bool {

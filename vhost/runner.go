@@ -91,6 +91,9 @@ func (r *runner) stopAndWait() {
 }
 
 func (r *runner) loop(q *virtq.Queue, h Handler, io *ringIO) error {
+	if sh, ok := h.(StreamHandler); ok && sh.Streaming() {
+		return r.loopStream(q, sh, io)
+	}
 	var chain virtq.Chain
 	chain.Segs = make([]virtq.Seg, 0, q.Size())
 	var b *batch

@@ -96,6 +96,39 @@ type EarlyBatchHandler interface {
 	HandleBatchEarly(cs []*virtq.Chain, written []uint32, done func(n int))
 }
 
+// StreamHandler is a Handler that keeps many requests in flight and
+// completes each as its storage finishes it, in any order (a split virtqueue
+// allows used entries out of order): the runner hands it chains while it has
+// room and reaps completions in between, so the ring is never held up by the
+// slowest request of a batch. It may also implement io.Closer, called when
+// the ring stops, after every chain was completed.
+type StreamHandler interface {
+	Handler
+	// Streaming reports whether the handler streams on this start of its
+	// queue (it asks its storage); false: the runner serves chains as a
+	// BatchHandler or one by one.
+	Streaming() bool
+	// Room reports whether Start may be called now.
+	Room() bool
+	// Start takes c: the handler owns it until it passes it to complete,
+	// maybe before Start returns.
+	Start(c *virtq.Chain, complete func(c *virtq.Chain, written uint32))
+	// Submit hands the started requests to storage without waiting.
+	Submit()
+	// Reap passes every finished chain to complete. With wait it first
+	// waits until one is finished, unless none is in flight.
+	Reap(wait bool, complete func(c *virtq.Chain, written uint32))
+	// InFlight returns how many chains the handler holds.
+	InFlight() int
+	// Ready reports whether Reap would complete a chain now.
+	Ready() bool
+	// Sleep waits until a request in flight finishes or an fd of fds is
+	// readable, passes the finished chains to complete, and sets ready[i]
+	// for each fd found readable (it reads none). The runner sleeps there
+	// on its stop and kick fds.
+	Sleep(fds []int, ready []bool, complete func(c *virtq.Chain, written uint32))
+}
+
 // Server serves a Device to one front-end at a time over a Listener.
 type Server struct {
 	Device Device

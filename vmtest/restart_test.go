@@ -3,6 +3,7 @@ package vmtest
 import (
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -19,6 +20,9 @@ func TestBackendKillRestart(t *testing.T) {
 	g := BuildGuest(t)
 	v := newEncVolume(t, "64M")
 	vol, volID, h := v.path, v.id, v.hemd
+	// O_DIRECT: the queues stream, so each kill leaves many requests in
+	// flight, out of order, for the next hemd to resubmit.
+	h.Args = append(slices.Clip(h.Args), "--direct")
 	sock := filepath.Join(t.TempDir(), "hemd.sock")
 	srv := h.ServeOn(t, sock, vol, 2)
 	vm := Start(t, g, WithDisk(sock, 2), WithReconnect(), WithScript(soakScript(40, 8, 5)))

@@ -273,6 +273,11 @@ func openServed(ctx context.Context, v volumeConfig, log *slog.Logger, kmsFor fu
 			b.Close()
 			store = blk.WithBatches(store, func(d int) blk.Batch { return bt.NewBatch(d, false) })
 			s.io = ioUring
+			if st, ok := bt.(interface {
+				NewStream(depth int) (*storage.Stream, error)
+			}); ok && streamIO(v) {
+				store = blk.WithStreams(store, func(d int) (blk.Stream, error) { return st.NewStream(d) })
+			}
 		}
 	}
 	cfg := blk.Config{
@@ -341,3 +346,11 @@ func (s *served) close(log *slog.Logger) {
 	}
 	s.lock.Close() // after the flush in store.Close
 }
+
+// streamIO says whether a volume's queues stream (keep requests in flight,
+// complete each as the kernel does) rather than serve batch by batch: with
+// O_DIRECT, where a transfer waits for the disk and a batch would wait for
+// its slowest. Through the page cache a read or write is a copy done at
+// submission, and batches, which can hand large reads to kernel threads,
+// serve it better (vhost/blk/PERFORMANCE.md).
+func streamIO(v volumeConfig) bool { return v.Direct }

@@ -43,8 +43,9 @@ const (
 
 	registerIOWQMaxWorkers = 19 // IORING_REGISTER_IOWQ_MAX_WORKERS
 
-	opReadv  = 1 // IORING_OP_READV
-	opWritev = 2 // IORING_OP_WRITEV
+	opReadv   = 1 // IORING_OP_READV
+	opWritev  = 2 // IORING_OP_WRITEV
+	opPollAdd = 6 // IORING_OP_POLL_ADD
 )
 
 // params is struct io_uring_params.
@@ -350,19 +351,14 @@ func (r *Ring) submit(fn func(user uint64, res int32), each bool) error {
 			submit, wait = 0, 1
 		}
 		waitOnly = false
-		_, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(submit), uintptr(wait), enterGetEvents, 0, 0)
-		switch errno {
-		case 0:
-			if submit > 0 && atomic.LoadUint32(r.sqHead) == head {
-				return r.fail(fmt.Errorf("io_uring_enter: the kernel consumed none of %d SQEs", submit))
-			}
-		case unix.EINTR:
-		case unix.EAGAIN, unix.EBUSY:
+		busy, err := r.sysEnter(submit, wait, head)
+		if err != nil {
+			return err
+		}
+		if busy {
 			// Out of resources for now: let ops in flight complete first.
 			waitOnly = true
 			runtime.Gosched()
-		default:
-			return r.fail(fmt.Errorf("io_uring_enter: %w", errno))
 		}
 	}
 	clear(r.keep)
@@ -429,4 +425,143 @@ func (r *Ring) Close() error {
 	}
 	*r = Ring{fd: -1, err: fmt.Errorf("uring: %w", os.ErrClosed)}
 	return errors.Join(errs...)
+}
+
+// Continuous use: ops handed to the kernel as they come (Flush) and reaped as
+// they complete (Reap, Wait), many batches' worth in flight at once, instead
+// of Submit's one batch at a time. Cap still bounds the ops queued and in
+// flight together, so the completion queue never overflows.
+
+// PollAdd queues one IORING_OP_POLL_ADD: it completes with user once fd
+// has one of events (POLLIN...), res being the events found (one shot).
+// Otherwise it is like Readv; it holds no memory of the caller's.
+func (r *Ring) PollAdd(fd int, events uint32, user uint64) bool {
+	if !r.queue(opPollAdd, 0, fd, nil, 0, user) {
+		return false
+	}
+	r.sqes[(r.tail-1)&r.sqMask].rwFlags = events // poll32_events
+	return true
+}
+
+// registerEventfd is IORING_REGISTER_EVENTFD.
+const registerEventfd = 4
+
+// InFlight returns how many ops are queued or in flight: not yet reaped.
+func (r *Ring) InFlight() int { return int(r.queued) }
+
+// Ready reports whether the kernel has posted completions not yet reaped.
+func (r *Ring) Ready() bool {
+	return r.err == nil && atomic.LoadUint32(r.cqTail) != atomic.LoadUint32(r.cqHead)
+}
+
+// Flush hands every queued op to the kernel and returns without waiting for
+// any to complete. Ops the kernel could not take yet (EAGAIN, EBUSY) stay
+// queued: the next Flush or Wait hands them over. Like Submit, it returns an
+// error only when the ring is broken.
+func (r *Ring) Flush() error { return r.enter(0) }
+
+// Reap calls fn(user, res) for every op completed so far, without waiting.
+func (r *Ring) Reap(fn func(user uint64, res int32)) error {
+	if r.err != nil {
+		return r.err
+	}
+	return r.reap(fn)
+}
+
+// Wait hands over what is queued, waits until at least one op completes
+// (not at all when none is in flight) and reaps every completion posted.
+func (r *Ring) Wait(fn func(user uint64, res int32)) error { return r.WaitN(1, fn) }
+
+// WaitN is Wait for at least n completions (at most as many as are in
+// flight): it sleeps until the kernel has posted that many.
+func (r *Ring) WaitN(n int, fn func(user uint64, res int32)) error {
+	if r.err != nil {
+		return r.err
+	}
+	want := uint32(max(min(n, int(r.queued)), 1))
+	got := uint32(0)
+	for r.queued > 0 {
+		q := r.queued
+		if err := r.reap(fn); err != nil {
+			return err
+		}
+		if got += q - r.queued; got >= want {
+			return nil
+		}
+		if err := r.enter(want - got); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// RegisterEventfd makes the kernel signal the eventfd fd at every completion
+// it posts (IORING_REGISTER_EVENTFD), so that a caller can poll it together
+// with other fds.
+func (r *Ring) RegisterEventfd(fd int) error {
+	if r.err != nil {
+		return r.err
+	}
+	v := int32(fd)
+	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), registerEventfd, uintptr(unsafe.Pointer(&v)), 1, 0, 0)
+	if errno != 0 {
+		return fmt.Errorf("io_uring_register EVENTFD: %w", errno)
+	}
+	return nil
+}
+
+// enter publishes the SQ tail and calls io_uring_enter once: it submits
+// every SQE the kernel has not consumed yet and waits for wait completions.
+// EINTR, EAGAIN and EBUSY are not errors: the caller looks again.
+func (r *Ring) enter(wait uint32) error {
+	if r.err != nil {
+		return r.err
+	}
+	atomic.StoreUint32(r.sqTail, r.tail) // release: the SQEs are written
+	head := atomic.LoadUint32(r.sqHead)
+	submit := r.tail - head
+	if submit > r.queued {
+		return r.fail(fmt.Errorf("uring: SQ head %d is past tail %d", head, r.tail))
+	}
+	if submit == 0 && wait == 0 {
+		return nil
+	}
+	busy, err := r.sysEnter(submit, wait, head)
+	if err != nil {
+		return err
+	}
+	if busy {
+		if inKernel := r.queued - (r.tail - atomic.LoadUint32(r.sqHead)); wait > 0 && inKernel > 0 {
+			// Out of resources for now: wait for ops in flight only.
+			if _, err := r.sysEnter(0, min(wait, inKernel), head); err != nil {
+				return err
+			}
+		}
+		runtime.Gosched()
+	}
+	return nil
+}
+
+// sysEnter is one io_uring_enter: submit SQEs (the SQ head was head before
+// it), waiting for wait completions. busy means the kernel was out of
+// resources (EAGAIN, EBUSY); EINTR is neither busy nor an error; any other
+// error breaks the ring.
+func (r *Ring) sysEnter(submit, wait, head uint32) (busy bool, err error) {
+	flags := uintptr(0)
+	if wait > 0 {
+		flags = enterGetEvents
+	}
+	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(submit), uintptr(wait), flags, 0, 0)
+	switch errno {
+	case 0:
+		if submit > 0 && atomic.LoadUint32(r.sqHead) == head {
+			return false, r.fail(fmt.Errorf("io_uring_enter: the kernel consumed none of %d SQEs", submit))
+		}
+	case unix.EINTR:
+	case unix.EAGAIN, unix.EBUSY:
+		return true, nil
+	default:
+		return false, r.fail(fmt.Errorf("io_uring_enter: %w", errno))
+	}
+	return false, nil
 }

@@ -2,6 +2,7 @@ package uring
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"math/rand/v2"
 	"os"
@@ -467,5 +468,68 @@ func TestAsyncReadsEach(t *testing.T) {
 		if !bytes.Equal(bufs[i], data[i*size:(i+1)*size]) {
 			t.Fatalf("read %d differs", i)
 		}
+	}
+}
+
+// Continuous use: ops are handed over with Flush as they come, more are
+// queued while earlier ones are in flight (up to Cap in all), Wait returns
+// once at least one is done, every op completes exactly once, and the
+// registered eventfd is readable after a completion.
+func TestContinuous(t *testing.T) {
+	r := newRing(t, 4)
+	f := tempFile(t, 1<<20)
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0x5a}, 1<<20), 0); err != nil {
+		t.Fatal(err)
+	}
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(efd)
+	if err := r.RegisterEventfd(efd); err != nil {
+		t.Fatal(err)
+	}
+	got := results{}
+	want := map[uint64]int32{}
+	bufs := make([][]byte, 40)
+	next := 0
+	for next < len(bufs) || r.InFlight() > 0 {
+		for next < len(bufs) {
+			bufs[next] = make([]byte, 4096)
+			if !r.Readv(int(f.Fd()), iovecs(bufs[next]), int64(next)*4096, uint64(next)) {
+				break // Cap in flight: wait for one
+			}
+			want[uint64(next)] = 4096
+			next++
+		}
+		if r.InFlight() > r.Cap() {
+			t.Fatalf("%d in flight, cap %d", r.InFlight(), r.Cap())
+		}
+		if err := r.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		n := len(got)
+		if err := r.Wait(got.add(t)); err != nil {
+			t.Fatal(err)
+		}
+		if len(got) == n {
+			t.Fatal("Wait returned with nothing completed")
+		}
+	}
+	got.check(t, want)
+	for i, b := range bufs {
+		if !bytes.Equal(b, bytes.Repeat([]byte{0x5a}, 4096)) {
+			t.Fatalf("read %d: wrong data", i)
+		}
+	}
+	var cnt [8]byte
+	if n, err := unix.Read(efd, cnt[:]); err != nil || n != 8 || binary.LittleEndian.Uint64(cnt[:]) == 0 {
+		t.Fatalf("eventfd after completions: %d bytes, %v", n, err)
+	}
+	if r.Ready() || r.InFlight() != 0 {
+		t.Fatalf("ready %v with %d in flight after all were reaped", r.Ready(), r.InFlight())
+	}
+	if err := r.Wait(got.add(t)); err != nil {
+		t.Fatalf("Wait with nothing in flight: %v", err)
 	}
 }

@@ -280,6 +280,9 @@ func (w *worker) completeOp(k int, err error) {
 // Close implements io.Closer: the runner calls it when the ring stops.
 func (w *worker) Close() error {
 	w.stopCrypter()
+	if err := w.closeStream(); err != nil {
+		return err
+	}
 	if w.batch.b == nil {
 		return nil
 	}

@@ -101,6 +101,8 @@ func (r *rig) batch(q int, ios []blkIO) []ioResult {
 	type pend struct{ st, data uint64 }
 	byHead := map[uint16]int{}
 	pends := make([]pend, len(ios))
+	// All of them at once: the queue finds the whole batch when it looks.
+	qu.Hold()
 	for i, io := range ios {
 		bufs, st, data := r.build(io)
 		head, err := qu.Add(bufs)
@@ -109,6 +111,7 @@ func (r *rig) batch(q int, ios []blkIO) []ioResult {
 		}
 		byHead[head], pends[i] = i, pend{st, data}
 	}
+	qu.Release()
 	if err := qu.Kick(); err != nil {
 		r.t.Fatal(err)
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"flag"
 	"io"
 	"log/slog"
 	"os"
@@ -46,7 +47,17 @@ type rigOpts struct {
 	wrapBatch func(Batch) Batch
 	// asyncReadMin, if set, is the device's asyncReadMin (-1: 0).
 	asyncReadMin int
+	// stream: the queues stream (StreamStore), on a file opened with
+	// O_DIRECT too. -stream sets it for every rig that does not ask for
+	// batches (wrapBatch, asyncReadMin) or sync.
+	stream bool
+	// wrapStream, if set, wraps each stream the device opens.
+	wrapStream func(Stream) Stream
 }
+
+// streamAll serves every rig's queues as streams: make test runs the
+// package once without and once with it.
+var streamAll = flag.Bool("stream", false, "serve the queues of every rig that allows it as streams, over O_DIRECT")
 
 func testLogger(t *testing.T) *slog.Logger {
 	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
@@ -72,7 +83,10 @@ func newRig(t *testing.T, o rigOpts) *rig {
 	if err := os.Truncate(path, o.size); err != nil {
 		t.Fatal(err)
 	}
-	st, err := storage.Open(path, storage.Options{ReadOnly: o.cfg.ReadOnly, Discard: o.cfg.Discard})
+	if *streamAll && !o.sync && o.wrapBatch == nil && o.asyncReadMin == 0 {
+		o.stream = true
+	}
+	st, err := storage.Open(path, storage.Options{ReadOnly: o.cfg.ReadOnly, Discard: o.cfg.Discard, Direct: o.stream})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,6 +98,15 @@ func newRig(t *testing.T, o rigOpts) *rig {
 				return o.wrapBatch(st.NewBatch(d, false))
 			}
 			return st.NewBatch(d, false)
+		})
+	}
+	if o.stream {
+		cfg.Store = WithStreams(cfg.Store, func(d int) (Stream, error) {
+			s, err := st.NewStream(d)
+			if err != nil || o.wrapStream == nil {
+				return s, err
+			}
+			return o.wrapStream(s), nil
 		})
 	}
 	if cfg.ID == "" {

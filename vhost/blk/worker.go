@@ -47,6 +47,8 @@ type worker struct {
 	// (vhost.EarlyBatchHandler); nil outside HandleBatchEarly.
 	early func(n int)
 	batch batchState
+	// stream: the queue's requests in flight when it streams (stream.go).
+	stream streamState
 	// stop is closed when the ring is about to stop: a wait for tokens
 	// ends (throttle.go).
 	stop     chan struct{}

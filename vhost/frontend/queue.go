@@ -24,6 +24,7 @@ type Queue struct {
 	kick     int
 	call     int
 	availIdx uint16
+	hold     bool // Hold: the avail index is not stored yet
 	lastUsed uint16
 	free     []uint16
 	eventIdx bool
@@ -204,6 +205,18 @@ func (q *Queue) publish(head uint16) {
 	n := uint64(q.Size)
 	binary.LittleEndian.PutUint16(q.c.Mem[q.avail+4+2*(uint64(q.availIdx)%n):], head)
 	q.availIdx++
+	if !q.hold {
+		q.store16(q.avail+2, q.availIdx)
+	}
+}
+
+// Hold makes the chains added from now on wait: the back-end sees none of
+// them until Release makes them all available at once.
+func (q *Queue) Hold() { q.hold = true }
+
+// Release makes the chains added since Hold available together.
+func (q *Queue) Release() {
+	q.hold = false
 	q.store16(q.avail+2, q.availIdx)
 }
 
