@@ -276,7 +276,13 @@ func openServed(ctx context.Context, v volumeConfig, log *slog.Logger, kmsFor fu
 			if st, ok := bt.(interface {
 				NewStream(depth int) (*storage.Stream, error)
 			}); ok && streamIO(v) {
-				store = blk.WithStreams(store, func(d int) (blk.Stream, error) { return st.NewStream(d) })
+				store = blk.WithStreams(store, func(d int) (blk.Stream, error) {
+					s, err := st.NewStream(d)
+					if err != nil {
+						return nil, err
+					}
+					return s, nil
+				})
 			}
 		}
 	}
