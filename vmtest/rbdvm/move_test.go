@@ -159,7 +159,7 @@ func TestRBDMoveAndFaults(t *testing.T) {
 	if !waitEvent(src, "event=hand-off", volID, 10*time.Second) || !waitEvent(dst, "event=take-over", volID, 10*time.Second) {
 		t.Fatal("the source did not hand the image off, or the destination did not take it over")
 	}
-	if !waitEvent(src, "event=zeroize", volID, 10*time.Second) || !vmtest.HasEvent(dst.Log(), "event=attach", volID) {
+	if !waitEvent(src, "event=zeroize", volID, 10*time.Second) || !waitEvent(dst, "event=attach", volID, 10*time.Second) {
 		t.Fatal("the source did not zeroize the data key, or the destination did not attach")
 	}
 	if decrypts() <= before {
