@@ -297,29 +297,14 @@ func rbdSection(st backing, off, size int64) (area blk.Store, ok bool, err error
 }
 
 // rbdArea is the data area of a volume on RBD, with its batches.
+//
+// TODO(issue 16): its queues batch. rbd.Stream (each request in flight until
+// librbd completes it) measured 1.03-1.17x of batches, but one CI run of the
+// RBD migration test with streams ended in a guest kernel panic whose cause
+// is not found yet: storage/rbd/TODO.md.
 type rbdArea struct{ *rbd.Section }
 
 func (a rbdArea) NewBatch(depth int) (blk.Batch, error) { return a.Section.NewBatch(depth), nil }
-
-// NewStream: a queue of a volume on RBD streams, each request in flight
-// until librbd completes it (measured against batches in
-// docs/rbd.md#performance).
-func (a rbdArea) NewStream(depth int) (blk.Stream, error) {
-	return asStream(a.Section.NewStream(depth))
-}
-
-// NewStream makes the whole image a blk.StreamStore.
-func (b rbdBacking) NewStream(depth int) (blk.Stream, error) {
-	return asStream(b.Image.NewStream(depth))
-}
-
-// asStream returns st as a blk.Stream, nil with an error.
-func asStream[S blk.Stream](st S, err error) (blk.Stream, error) {
-	if err != nil {
-		return nil, err
-	}
-	return st, nil
-}
 
 // NewBatch makes the whole image (a raw one, without a hemd header) a
 // blk.BatchStore.

@@ -95,7 +95,7 @@ func serveControl(ctx context.Context, log *slog.Logger, path string, vs *volume
 func findServed(all []*served, name string) *served {
 	fi, statErr := os.Stat(name)
 	for _, s := range all {
-		if s.cfg.ID == name {
+		if s.cfg.ID == name || s.cfg.Path == name { // an RBD image is named as it is served: rbd:POOL/IMAGE
 			return s
 		}
 		if statErr == nil {

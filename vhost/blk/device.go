@@ -78,8 +78,8 @@ type Config struct {
 	// a queue then keeps a whole batch in flight, reads included (no
 	// 512 KiB read parts, which pay off only against the page cache), and
 	// encrypts up to 4 MiB of writes a batch (remoteBounceSize) instead
-	// of 1 MiB. A store that streams (StreamStore: RBD does) serves its
-	// queues as streams instead, batches only where a stream cannot open.
+	// of 1 MiB. A store that streams (StreamStore) serves its queues as
+	// streams instead, batches only where a stream cannot open.
 	Remote bool
 }
 
