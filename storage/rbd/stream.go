@@ -196,6 +196,7 @@ type Stream struct {
 	ret  []C.ssize_t
 	outp *C.int
 	retp *C.ssize_t
+	pfds []unix.PollFd // sleep's, reused
 }
 
 type streamOp struct {
@@ -362,8 +363,7 @@ func (st *Stream) sleep(fds []int, ready []bool) {
 			return
 		}
 	}
-	pfds := make([]unix.PollFd, 0, len(fds)+1)
-	pfds = append(pfds, unix.PollFd{Fd: int32(st.efd), Events: unix.POLLIN})
+	pfds := append(st.pfds[:0], unix.PollFd{Fd: int32(st.efd), Events: unix.POLLIN})
 	for _, fd := range fds {
 		pfds = append(pfds, unix.PollFd{Fd: int32(fd), Events: unix.POLLIN})
 	}
@@ -378,6 +378,7 @@ func (st *Stream) sleep(fds []int, ready []bool) {
 	for i := range fds {
 		ready[i] = pfds[i+1].Revents != 0
 	}
+	st.pfds = pfds // kept: no allocation per sleep
 }
 
 // sleepWaitDiv: Sleep and Wait return once a quarter of the transfers in
