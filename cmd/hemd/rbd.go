@@ -238,22 +238,15 @@ func (b rbdBacking) StartCOW(int64, int64, io.WriterAt, storage.COWOptions) (*st
 	return nil, fmt.Errorf("%s is on Ceph RBD: its snapshots are RBD snapshots, point in time and without a copy: hemd snapshot create %s", b.Name(), b.Name())
 }
 
-// rbdReader is a claim for a volume served read-only from RBD: it takes
-// nothing (RBD's exclusive lock is for writers). It refuses to start while
-// a writer holds the image; a writer that starts later is not kept out
-// (storage/rbd/TODO.md).
-type rbdReader struct{ img *rbd.Image }
+// rbdSnapshotReader is the claim of an RBD snapshot served read-only: none
+// is needed, a snapshot does not change under its readers.
+type rbdSnapshotReader struct{}
 
-func (r rbdReader) Acquire(context.Context) error { return r.TryAcquire() }
-func (r rbdReader) Release()                      {}
-func (r rbdReader) Held() bool                    { return true }
-func (r rbdReader) Close() error                  { return nil }
-func (r rbdReader) TryAcquire() error {
-	if r.img.InUse() {
-		return fmt.Errorf("%s is %w by a writer (RBD exclusive lock)", r.img.Name(), storage.ErrInUse)
-	}
-	return nil
-}
+func (rbdSnapshotReader) Acquire(context.Context) error { return nil }
+func (rbdSnapshotReader) TryAcquire() error             { return nil }
+func (rbdSnapshotReader) Release()                      {}
+func (rbdSnapshotReader) Held() bool                    { return true }
+func (rbdSnapshotReader) Close() error                  { return nil }
 
 // openRBDBacking opens the RBD image of a served volume, within the
 // cluster's timeout, and its claim (not taken).
@@ -270,8 +263,17 @@ func openRBDBacking(ctx context.Context, v volumeConfig, sock string, log *slog.
 	if err != nil {
 		return nil, nil, err
 	}
+	if n.Snap != "" {
+		return rbdBacking{img}, rbdSnapshotReader{}, nil
+	}
 	if v.ReadOnly {
-		return rbdBacking{img}, rbdReader{img}, nil
+		// Readers share the image and keep writers out (storage/rbd/share.go).
+		rc, err := img.NewReadClaim(rbd.LockOptions{Socket: sock, Log: log})
+		if err != nil {
+			img.Close()
+			return nil, nil, err
+		}
+		return rbdBacking{img}, rc, nil
 	}
 	lock, err := img.NewLock(rbd.LockOptions{Socket: sock, Log: log})
 	if err != nil {

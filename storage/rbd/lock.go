@@ -53,6 +53,9 @@ type LockOptions struct {
 	// Log gets the breaking of a dead holder's lock, and a warning when the
 	// holder record cannot be written. Nil: no log.
 	Log *slog.Logger
+	// Lease is how long a reader's claim (ReadClaim) outlives its last
+	// renewal; 0: 30 s.
+	Lease time.Duration
 }
 
 // record is what the holder of an image records about itself.
@@ -124,6 +127,17 @@ func (l *Lock) try() error {
 		}
 		return fmt.Errorf("lock %s: %w", l.m.name, err)
 	}
+	// Readers first (share.go): a writer that finds one lets go.
+	readers, err := l.m.readers(l.log)
+	if err != nil || len(readers) > 0 {
+		if rerr := l.m.lockRelease(); rerr != nil {
+			l.log.Error("release the exclusive lock", "image", l.m.name.String(), "err", rerr)
+		}
+		if err != nil {
+			return fmt.Errorf("lock %s: %w", l.m.name, err)
+		}
+		return errBusy
+	}
 	l.held = true
 	l.writeRecord()
 	return nil
@@ -163,17 +177,20 @@ func (l *Lock) writeRecord() {
 }
 
 // readRecord reads the holder record.
-func (l *Lock) readRecord() (*record, error) {
-	v, err := l.m.metadata(holderKey)
+func (l *Lock) readRecord() (*record, error) { return l.m.holderRecord() }
+
+// holderRecord reads the record of the writer that holds the image.
+func (m *Image) holderRecord() (*record, error) {
+	v, err := m.metadata(holderKey)
 	if err != nil {
 		return nil, err
 	}
 	var rec record
 	if err := json.Unmarshal([]byte(v), &rec); err != nil {
-		return nil, fmt.Errorf("holder record of %s: %w", l.m.name, err)
+		return nil, fmt.Errorf("holder record of %s: %w", m.name, err)
 	}
 	if rec.PID <= 0 {
-		return nil, fmt.Errorf("holder record of %s: no pid", l.m.name)
+		return nil, fmt.Errorf("holder record of %s: no pid", m.name)
 	}
 	return &rec, nil
 }
@@ -187,6 +204,9 @@ func (l *Lock) inUse() error {
 	}
 	if len(owners) > 0 {
 		return fmt.Errorf("in use by RBD client %s (not a hemd, or one that left no holder record): %w", owners[0], storage.ErrInUse)
+	}
+	if readers, err := l.m.readers(l.log); err == nil && len(readers) > 0 {
+		return &storage.InUseError{Holder: &readers[0], Shared: true}
 	}
 	return &storage.InUseError{}
 }
@@ -270,6 +290,9 @@ func (m *Image) InUse() bool {
 
 // lockOwners returns the clients that own the image's exclusive lock.
 func (m *Image) lockOwners() ([]string, error) {
+	if m.opts.ReadOnly {
+		return m.headerLockOwners()
+	}
 	img, err := m.use()
 	if err != nil {
 		return nil, err

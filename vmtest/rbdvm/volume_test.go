@@ -7,9 +7,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/hemd/hemd/vmtest"
 )
 
 // marker is plaintext the imported images carry: the cluster must never
@@ -230,4 +233,35 @@ func TestRBDServeRefused(t *testing.T) {
 			t.Logf("refused in %v: %s", took.Round(time.Millisecond), strings.TrimSpace(string(out)))
 		})
 	}
+}
+
+// TestRBDReadersAndWriter: read-only hemds share an RBD volume and keep a
+// writer out, naming a reader; a SIGKILLed reader's claim goes with it (on
+// this host); once no reader is left the writer serves, and then a reader
+// is kept out, naming the writer. No VM is needed: claims are taken at
+// start.
+func TestRBDReadersAndWriter(t *testing.T) {
+	v := newRBDVolume(t, "16M")
+	reader := vmtest.Hemd{Bin: hemdBin, Env: v.hemd.Env, Args: []string{"--read-only", "--control", "none"}}
+	writer := vmtest.Hemd{Bin: hemdBin, Env: v.hemd.Env, Args: []string{"--control", "none"}}
+	r1 := reader.Serve(t, v.name, 1)
+	r2 := reader.Serve(t, v.name, 1)
+	out := writer.Refused(t, v.name)
+	if !strings.Contains(out, "read-only since") ||
+		!strings.Contains(out, "pid "+strconv.Itoa(r1.Pid())) && !strings.Contains(out, "pid "+strconv.Itoa(r2.Pid())) {
+		t.Fatalf("a writer refused without naming a reader (pids %d, %d):\n%s", r1.Pid(), r2.Pid(), out)
+	}
+	r1.Kill()
+	out = writer.Refused(t, v.name)
+	if !strings.Contains(out, "pid "+strconv.Itoa(r2.Pid())) {
+		t.Fatalf("with one reader left, a writer refused without naming it (pid %d):\n%s", r2.Pid(), out)
+	}
+	r2.Kill()
+	w := writer.Serve(t, v.name, 1)
+	out = reader.Refused(t, v.name)
+	if !strings.Contains(out, "pid "+strconv.Itoa(w.Pid())) || !strings.Contains(out, "writing since") {
+		t.Fatalf("a reader refused without naming the writer (pid %d):\n%s", w.Pid(), out)
+	}
+	w.Stop(t)
+	reader.Serve(t, v.name, 1).Stop(t)
 }
