@@ -45,6 +45,8 @@ type File struct {
 	gate  sync.RWMutex
 	cows  atomic.Pointer[[]*COW] // running snapshots; nil: none
 	cowMu sync.Mutex             // serializes changes to cows
+
+	view mapView // Map's read-only mapping (mapped.go)
 }
 
 // Open opens a regular file or a block device.
@@ -281,6 +283,7 @@ func (s *File) Close() error {
 		unix.Close(s.dfd)
 		s.dfd = -1
 	}
+	s.unmap()
 	if cerr := s.f.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("close %s: %w", s.path, cerr)
 	}

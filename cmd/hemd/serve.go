@@ -263,6 +263,7 @@ func openServed(ctx context.Context, v volumeConfig, log *slog.Logger, kmsFor fu
 		return fail(fmt.Errorf("volume %s: %w", v.Path, herr))
 	}
 	vl := log.With("volume", s.cfg.ID)
+	area := store // the volume's data, before batches wrap it
 	if bt, ok := store.(interface {
 		NewBatch(depth int, sync bool) *storage.Batch
 	}); ok && v.IO == ioUring {
@@ -291,6 +292,9 @@ func openServed(ctx context.Context, v volumeConfig, log *slog.Logger, kmsFor fu
 		Discard: v.Discard, Queues: v.Queues, Log: vl,
 		Claim: lock, Incoming: v.Incoming, Limits: v.limits(),
 		Remote: s.io == ioRBD,
+	}
+	if m, ok := mappedReads(st, area, v.Direct || s.io != ioUring, vl); ok {
+		cfg.Mapped = m
 	}
 	if s.keys != nil {
 		cfg.Keys = s.keys
@@ -351,6 +355,22 @@ func (s *served) close(log *slog.Logger) {
 		log.Error("close volume", "volume", s.cfg.ID, "path", s.cfg.Path, "err", err)
 	}
 	s.lock.Close() // after the flush in store.Close
+}
+
+// mappedReads maps a volume's file read-only so that large reads of pages in
+// the page cache are served from it (blk.Config.Mapped): volumes read
+// through the page cache (not --direct), with io_uring batches (off: not).
+func mappedReads(st backing, area blk.Store, off bool, log *slog.Logger) (blk.MappedStore, bool) {
+	f, ok := st.(*storage.File)
+	m, ok2 := area.(blk.MappedStore)
+	if !ok || !ok2 || off || os.Getenv("HEMD_MAPPED_READS") == "off" {
+		return nil, false
+	}
+	if err := f.Map(); err != nil {
+		log.Debug("reads not served from a mapping", "err", err)
+		return nil, false
+	}
+	return m, true
 }
 
 // streamIO says whether a volume's queues stream (keep requests in flight,

@@ -81,6 +81,19 @@ type Config struct {
 	// of 1 MiB. A store that streams (StreamStore) serves its queues as
 	// streams instead, batches only where a stream cannot open.
 	Remote bool
+	// Mapped, if set, serves a large read whose pages the page cache holds
+	// straight from them: decrypted (or copied) into guest memory with no
+	// system call and one pass over the data (storage.File's read-only
+	// mapping; for a store read through the page cache, never O_DIRECT).
+	// Its offsets are Store's.
+	Mapped MappedStore
+}
+
+// MappedStore gives in-place access to the resident pages of a store.
+type MappedStore interface {
+	// ViewMapped calls fn with the n bytes at off if every page of them is
+	// resident, and reports whether it did; fn must not keep the slice.
+	ViewMapped(off int64, n int, fn func([]byte)) bool
 }
 
 // Claim is the volume's one-writer lock as the device uses it (a
@@ -125,6 +138,8 @@ type Stats struct {
 	Reads, Writes, Flushes, Discards, WriteZeroes, GetIDs atomic.Uint64
 	BytesRead, BytesWritten                               atomic.Uint64
 	BadRequests, Unsupported, IOErrors                    atomic.Uint64
+	// MappedReads counts the reads served from Config.Mapped.
+	MappedReads atomic.Uint64
 	// Latency of reads, of writes (OUT, WRITE_ZEROES, DISCARD) and of the
 	// rest (FLUSH, GET_ID, refused requests).
 	ReadLatency, WriteLatency, OtherLatency Histogram
@@ -157,6 +172,10 @@ type Device struct {
 	// bytes go to the kernel's worker threads when the store's batch can
 	// (AsyncReader); 0: never. asyncReadMinDefault, lowered by tests.
 	asyncReadMin int
+	// mapReadMin: reads of at least this many bytes are served from
+	// Config.Mapped when their pages are resident; 0: never.
+	// mapReadMinDefault, lowered by tests.
+	mapReadMin int
 }
 
 // New checks cfg and returns the device.
@@ -202,6 +221,7 @@ func New(cfg Config) (*Device, error) {
 		serial:       serial,
 		throttle:     th,
 		asyncReadMin: asyncReadMinDefault,
+		mapReadMin:   mapReadMinDefault,
 		workers:      make([]*worker, cfg.Queues),
 	}
 	d.lim.Store(&limits{

@@ -49,10 +49,14 @@ type rigOpts struct {
 	asyncReadMin int
 	// stream: the queues stream (StreamStore), on a file opened with
 	// O_DIRECT too. -stream sets it for every rig that does not ask for
-	// batches (wrapBatch, asyncReadMin) or sync.
+	// batches (wrapBatch, asyncReadMin, mapped) or sync.
 	stream bool
 	// wrapStream, if set, wraps each stream the device opens.
 	wrapStream func(Stream) Stream
+	// mapped: the file is mapped and large reads served from the mapping
+	// (Config.Mapped) for reads of at least mapReadMin bytes (0: default).
+	mapped     bool
+	mapReadMin int
 }
 
 // streamAll serves every rig's queues as streams: make test runs the
@@ -83,7 +87,7 @@ func newRig(t *testing.T, o rigOpts) *rig {
 	if err := os.Truncate(path, o.size); err != nil {
 		t.Fatal(err)
 	}
-	if *streamAll && !o.sync && o.wrapBatch == nil && o.asyncReadMin == 0 {
+	if *streamAll && !o.sync && o.wrapBatch == nil && o.asyncReadMin == 0 && !o.mapped {
 		o.stream = true
 	}
 	st, err := storage.Open(path, storage.Options{ReadOnly: o.cfg.ReadOnly, Discard: o.cfg.Discard, Direct: o.stream})
@@ -109,6 +113,12 @@ func newRig(t *testing.T, o rigOpts) *rig {
 			return o.wrapStream(s), nil
 		})
 	}
+	if o.mapped {
+		if err := st.Map(); err != nil {
+			t.Fatal(err)
+		}
+		cfg.Mapped = st
+	}
 	if cfg.ID == "" {
 		cfg.ID = "vol-0123456789abcdef0"
 	}
@@ -122,6 +132,9 @@ func newRig(t *testing.T, o rigOpts) *rig {
 	}
 	if o.asyncReadMin != 0 {
 		dev.asyncReadMin = max(o.asyncReadMin, 0)
+	}
+	if o.mapReadMin != 0 {
+		dev.mapReadMin = o.mapReadMin
 	}
 	sock := filepath.Join(dir, "blk.sock")
 	ln, err := vhost.Listen(sock)
