@@ -682,6 +682,14 @@ func (s *session) setVringFd(m *message) error {
 	if err := s.paused(i, swap); err != nil {
 		return err
 	}
+	if m.Request == ReqSetVringCall && fd >= 0 && r.q != nil {
+		// The ring ran before this fd came (QEMU enables a ring, then
+		// unmasks its interrupt with a new call fd): what it completed
+		// meanwhile went to the old fd, or to none. An extra interrupt
+		// makes the driver look at its used ring.
+		var one = [8]byte{1}
+		_, _ = unix.Write(fd, one[:])
+	}
 	if m.Request == ReqSetVringKick {
 		r.kickSet = true
 		if s.features&FeatProtocolFeatures == 0 {

@@ -23,7 +23,8 @@ func soakScript(seconds, workers int, seed uint64) string {
 // storage), while the guest writes and checks data. The destination hemd
 // says so (--incoming): a hemd that does not is refused, naming the source;
 // the destination takes the volume when the source hands it off at the
-// switchover. The destination's guest then finds every block it wrote as it
+// switchover. The destination's guest memory is the source's, page for
+// page (the source hemd's dirty log marked every page it wrote). The destination's guest then finds every block it wrote as it
 // left it; the source hemd zeroized the data key (no window of it in its
 // memory); the destination hemd unwrapped it through the KMS (a Decrypt in
 // the audit log); a hemd that comes later is refused, naming the
@@ -63,7 +64,9 @@ func liveMigration(t *testing.T, m migration) (src, dst *Served, dstVM *VM) {
 	script := soakScript(35, 4, 21)
 	addr := FreeTCPAddr(t)
 	srcVM := Start(t, g, WithDisk(src.Socket, 2), WithMem(256), WithScript(script))
-	dstVM = Start(t, g, WithDisk(dst.Socket, 2), WithMem(256), WithScript(script), WithIncoming("tcp:"+addr))
+	// The destination waits stopped (-S) until its memory is compared with
+	// the source's.
+	dstVM = Start(t, g, WithDisk(dst.Socket, 2), WithMem(256), WithScript(script), WithIncoming("tcp:"+addr), WithArgs("-S"))
 	sq, dq := srcVM.QMPT(), dstVM.QMPT()
 
 	// Migrate once the soak is well under way.
@@ -83,6 +86,15 @@ func liveMigration(t *testing.T, m migration) (src, dst *Served, dstVM *VM) {
 		t.Fatalf("migration: %v", err)
 	}
 	t.Logf("migration completed in %v (QEMU: total %d ms, downtime %d ms, ram %v)", time.Since(began).Round(time.Millisecond), mi.TotalTime, mi.Downtime, mi.RAM)
+	// Every page the guest or the source hemd wrote reached the
+	// destination (the dirty log marked what hemd wrote), and the source
+	// hemd wrote nothing after its rings stopped.
+	if n, late := DiffRAM(t, srcVM, dstVM, 256); n > 0 || late > 0 {
+		t.Fatalf("%d pages of guest memory differ between source and destination; %d changed on the source after it stopped", n, late)
+	}
+	if err := dq.Cont(); err != nil {
+		t.Fatal(err)
+	}
 	if st, err := dq.Status(); err != nil || st != "running" {
 		t.Fatalf("destination status %q, %v", st, err)
 	}

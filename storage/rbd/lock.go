@@ -179,6 +179,20 @@ func (l *Lock) writeRecord() {
 // readRecord reads the holder record.
 func (l *Lock) readRecord() (*record, error) { return l.m.holderRecord() }
 
+// writer names the client that holds the image's exclusive lock (a
+// *storage.InUseError naming the hemd, if its holder record is the
+// owner's); nil if none does.
+func (m *Image) writer() error {
+	owners, _ := m.lockOwners()
+	if len(owners) == 0 {
+		return nil
+	}
+	if rec, err := m.holderRecord(); err == nil && rec.Owner == owners[0] {
+		return &storage.InUseError{Holder: &rec.Holder}
+	}
+	return fmt.Errorf("in use by RBD client %s (not a hemd, or one that left no holder record): %w", owners[0], storage.ErrInUse)
+}
+
 // holderRecord reads the record of the writer that holds the image.
 func (m *Image) holderRecord() (*record, error) {
 	v, err := m.metadata(holderKey)
@@ -197,13 +211,8 @@ func (m *Image) holderRecord() (*record, error) {
 
 // inUse is the refusal: it names the holder if the record is its own.
 func (l *Lock) inUse() error {
-	owners, _ := l.m.lockOwners()
-	rec, err := l.readRecord()
-	if err == nil && len(owners) > 0 && rec.Owner == owners[0] {
-		return &storage.InUseError{Holder: &rec.Holder}
-	}
-	if len(owners) > 0 {
-		return fmt.Errorf("in use by RBD client %s (not a hemd, or one that left no holder record): %w", owners[0], storage.ErrInUse)
+	if err := l.m.writer(); err != nil {
+		return err
 	}
 	if readers, err := l.m.readers(l.log); err == nil && len(readers) > 0 {
 		return &storage.InUseError{Holder: &readers[0], Shared: true}

@@ -292,12 +292,9 @@ func (m *Image) header() (string, *rados.IOContext, error) {
 // writerInUse is a reader's refusal: it names the writer if it left a
 // record.
 func (m *Image) writerInUse() error {
-	owners, _ := m.lockOwners()
-	if rec, err := m.holderRecord(); err == nil && len(owners) > 0 && rec.Owner == owners[0] {
-		return fmt.Errorf("%s: %w", m.name, &storage.InUseError{Holder: &rec.Holder})
+	err := m.writer()
+	if err == nil {
+		err = &storage.InUseError{}
 	}
-	if len(owners) > 0 {
-		return fmt.Errorf("%s: written by RBD client %s (the exclusive lock): %w", m.name, owners[0], storage.ErrInUse)
-	}
-	return fmt.Errorf("%s: %w", m.name, &storage.InUseError{})
+	return fmt.Errorf("%s: %w", m.name, err)
 }

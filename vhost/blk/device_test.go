@@ -583,6 +583,30 @@ func TestPollingKick(t *testing.T) {
 	}
 }
 
+// A running queue given a new call fd signals it at once: QEMU enables a
+// ring before it unmasks the ring's interrupt with a new call fd (at the
+// destination of a migration, the ring has requests from the start), and
+// what the ring completed in between must not wait for the next request.
+func TestNewCallFdSignalled(t *testing.T) {
+	r := newRig(t, rigOpts{})
+	if st, _, _ := r.do(0, blkIO{typ: TypeFlush}); st != StatusOK {
+		t.Fatalf("flush: %d", st)
+	}
+	q := r.c.Queues[0]
+	if q.Signalled(0) {
+		t.Fatal("an interrupt left over from the flush")
+	}
+	if err := q.NewCall(); err != nil {
+		t.Fatal(err)
+	}
+	if !q.Signalled(5 * time.Second) {
+		t.Fatal("the new call fd was not signalled")
+	}
+	if st, _, _ := r.do(0, blkIO{typ: TypeFlush}); st != StatusOK {
+		t.Fatalf("flush after the new call fd: %d", st)
+	}
+}
+
 // ADD_MEM_REG makes new guest memory usable by running queues; after
 // REM_MEM_REG a descriptor into it fails with IOERR.
 func TestAddRemoveMemRegion(t *testing.T) {

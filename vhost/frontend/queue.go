@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"github.com/hemd/hemd/vhost"
@@ -308,6 +309,37 @@ func (q *Queue) Wait(ctx context.Context, out []Used) ([]Used, error) {
 		}
 		if err := ctx.Err(); err != nil {
 			return out, err
+		}
+	}
+}
+
+// NewCall gives the running queue a new call eventfd (SET_VRING_CALL), as
+// QEMU does when it unmasks the queue's interrupt.
+func (q *Queue) NewCall() error {
+	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		return err
+	}
+	if _, err := q.c.call(vhost.ReqSetVringCall, u64(uint64(q.Index)), []int{fd}, false); err != nil {
+		unix.Close(fd)
+		return fmt.Errorf("queue %d: %w", q.Index, err)
+	}
+	unix.Close(q.call)
+	q.call = fd
+	return nil
+}
+
+// Signalled waits up to d for an interrupt on the queue's call eventfd and
+// consumes it.
+func (q *Queue) Signalled(d time.Duration) bool {
+	fds := []unix.PollFd{{Fd: int32(q.call), Events: unix.POLLIN}}
+	for end := time.Now().Add(d); ; {
+		if n, err := unix.Poll(fds, int(max(time.Until(end), 0)/time.Millisecond)); err == nil && n > 0 {
+			var b [8]byte
+			_, _ = unix.Read(q.call, b[:])
+			return true
+		} else if err != unix.EINTR || time.Now().After(end) {
+			return false
 		}
 	}
 }

@@ -88,7 +88,8 @@ func waitWrites(t *testing.T, vm *vmtest.VM, from int, writes int64, timeout tim
 //   - live migration between two hemds with their own state directories
 //     and one shared KMS (hemd kms serve): the source hands the image's
 //     exclusive lock off at the switchover, the destination takes it; a
-//     third hemd is refused, naming the holder, before and after;
+//     third hemd is refused, naming the holder, before and after; the
+//     destination's guest memory is the source's, page for page;
 //   - the destination hemd is killed with SIGKILL: its successor breaks
 //     the dead lock (the dead client blocklisted), QEMU reconnects and the
 //     guest's writes resume within 15 s;
@@ -133,10 +134,11 @@ func TestRBDMoveAndFaults(t *testing.T) {
 	addr := vmtest.FreeTCPAddr(t)
 	srcVM := vmtest.Start(t, g, vmtest.WithDisk(src.Socket, 2), vmtest.WithMem(256), vmtest.WithScript(script), vmtest.WithTimeout(5*time.Minute))
 	dstVM := vmtest.Start(t, g, vmtest.WithDisk(dstSock, 2), vmtest.WithMem(256), vmtest.WithScript(script),
-		vmtest.WithIncoming("tcp:"+addr), vmtest.WithReconnect(), vmtest.WithTimeout(5*time.Minute))
+		vmtest.WithIncoming("tcp:"+addr), vmtest.WithReconnect(), vmtest.WithTimeout(5*time.Minute), vmtest.WithArgs("-S"))
 	sq, dq := srcVM.QMPT(), dstVM.QMPT()
 
-	// Live migration, once the soak is under way.
+	// Live migration, once the soak is under way. The destination waits
+	// stopped (-S) until its memory is compared with the source's.
 	srcVM.Expect(0, `HEMD-SOAK t=5s`, 2*time.Minute)
 	before := decrypts()
 	if err := sq.SetMigrateParameters(map[string]any{"max-bandwidth": int64(4 << 30), "downtime-limit": 500}); err != nil {
@@ -153,6 +155,12 @@ func TestRBDMoveAndFaults(t *testing.T) {
 		t.Fatalf("migration: %v", err)
 	}
 	t.Logf("migration completed in %v (QEMU: total %d ms, downtime %d ms)", time.Since(began).Round(time.Millisecond), mi.TotalTime, mi.Downtime)
+	if n, late := vmtest.DiffRAM(t, srcVM, dstVM, 256); n > 0 || late > 0 {
+		t.Fatalf("%d pages of guest memory differ between source and destination; %d changed on the source after it stopped", n, late)
+	}
+	if err := dq.Cont(); err != nil {
+		t.Fatal(err)
+	}
 	if st, err := dq.Status(); err != nil || st != "running" {
 		t.Fatalf("destination status %q, %v", st, err)
 	}
