@@ -25,6 +25,7 @@ type benchResult struct {
 	Depth        int     `json:"depth"`
 	RuntimeS     float64 `json:"runtime_s"`
 	IOs          uint64  `json:"ios"`
+	Flushes      uint64  `json:"flushes,omitempty"`
 	IOPS         float64 `json:"iops"`
 	MBps         float64 `json:"mb_s"`
 	P50us        float64 `json:"lat_p50_us"`
@@ -47,6 +48,7 @@ func benchCommand(ctx context.Context, g globalFlags, args []string, stdout, std
 	fs.IntVar(&cfg.RWMixRead, "rwmixread", 50, "percent reads with --rw randrw")
 	runtime := fs.Duration("runtime", 10*time.Second, "how long to run")
 	fs.BoolVar(&cfg.Once, "once", false, "end a sequential read/write after one pass over the disk (or --size)")
+	fs.IntVar(&cfg.Fsync, "fsync", 0, "send a flush after every N writes of a queue, as a guest that syncs (fio's fsync=N; 0: never)")
 	fs.BoolVar(&cfg.Verify, "verify", false, "write a pattern, check every block read, read back all written blocks at the end")
 	size := fs.String("size", "", "use only the first SIZE bytes of the disk")
 	pid := fs.Int("pid", 0, "back-end pid: report its CPU seconds per million I/Os")
@@ -93,7 +95,7 @@ func benchCommand(ctx context.Context, g globalFlags, args []string, stdout, std
 	}
 	out := benchResult{
 		Socket: cfg.Socket, RW: cfg.RW, BS: cfg.BS, Queues: cfg.Queues, Depth: cfg.Depth,
-		RuntimeS: res.Elapsed.Seconds(), IOs: res.IOs, IOPS: res.IOPS, MBps: res.MBps,
+		RuntimeS: res.Elapsed.Seconds(), IOs: res.IOs, Flushes: res.Flushes, IOPS: res.IOPS, MBps: res.MBps,
 		P50us: us(res.P50), P99us: us(res.P99), P999us: us(res.P999),
 		Verified: res.Verified, VerifyErrors: res.VerifyErrors,
 	}

@@ -33,7 +33,10 @@ type Config struct {
 	// Once ends a sequential workload after one pass over the disk instead
 	// of at Runtime (fio without time_based).
 	Once bool
-	Seed uint64
+	// Fsync sends a FLUSH after every Fsync writes of a queue (fio's
+	// fsync=N), as a guest that syncs does; 0: never.
+	Fsync int
+	Seed  uint64
 	// Progress, if set, is called about once a second with the I/Os so far.
 	Progress func(ios uint64, elapsed time.Duration)
 }
@@ -41,6 +44,7 @@ type Config struct {
 // Result is what a run measured.
 type Result struct {
 	IOs, Reads, Writes uint64
+	Flushes            uint64 // not counted in IOs
 	Bytes              uint64
 	Elapsed            time.Duration
 	IOPS, MBps         float64
@@ -61,6 +65,7 @@ var (
 const (
 	typeIn      = 0
 	typeOut     = 1
+	typeFlush   = 4
 	stallAfter  = 10 * time.Second
 	latencyKeep = 1 << 22 // latencies kept per queue for percentiles
 )
@@ -69,6 +74,8 @@ func (c *Config) check() error {
 	switch {
 	case c.Queues < 1 || c.Queues > 64:
 		return fmt.Errorf("%w: queues %d", ErrBadConfig, c.Queues)
+	case c.Fsync < 0:
+		return fmt.Errorf("%w: fsync %d", ErrBadConfig, c.Fsync)
 	case c.Depth < 1 || c.Depth > 1024:
 		return fmt.Errorf("%w: depth %d", ErrBadConfig, c.Depth)
 	case c.BS < 512 || c.BS%512 != 0 || c.BS > 4<<20:
@@ -92,6 +99,7 @@ type slot struct {
 	head              uint16
 	block             int64
 	write             bool
+	flush             bool
 	start             time.Time
 }
 
@@ -170,6 +178,8 @@ type queueRun struct {
 	ios      atomic.Uint64
 	reads    uint64
 	writes   uint64
+	flushes  uint64
+	unsynced int // writes submitted since the last flush (Fsync)
 	inflight map[int64]bool
 }
 
@@ -245,10 +255,43 @@ func (r *run) check(buf []byte, b int64) {
 	}
 }
 
+// next submits the queue's next request in slot si: a flush when Fsync
+// writes went since the last, else a read or write picked by pick.
+func (r *run) next(qr *queueRun, si, qi int) error {
+	if r.cfg.Fsync > 0 && qr.unsynced >= r.cfg.Fsync {
+		qr.unsynced = 0
+		return r.submitFlush(qr, si)
+	}
+	b, w := r.pick(qr, qi)
+	if w {
+		qr.unsynced++
+	}
+	return r.submit(qr, si, b, w)
+}
+
+// submitFlush submits a FLUSH in slot si.
+func (r *run) submitFlush(qr *queueRun, si int) error {
+	s := &qr.slots[si]
+	m := r.c.Mem
+	s.block, s.write, s.flush = -1, false, true
+	binary.LittleEndian.PutUint32(m[s.hdr:], typeFlush)
+	binary.LittleEndian.PutUint32(m[s.hdr+4:], 0)
+	binary.LittleEndian.PutUint64(m[s.hdr+8:], 0)
+	m[s.status] = 0xff
+	head, err := qr.q.Add([]frontend.Buf{{Addr: s.hdr, Len: 16}, {Addr: s.status, Len: 1, Write: true}})
+	if err != nil {
+		return err
+	}
+	s.head = head
+	qr.byHead[head] = si
+	s.start = time.Now()
+	return nil
+}
+
 func (r *run) submit(qr *queueRun, si int, b int64, write bool) error {
 	s := &qr.slots[si]
 	m := r.c.Mem
-	s.block, s.write = b, write
+	s.block, s.write, s.flush = b, write, false
 	typ := uint32(typeIn)
 	if write {
 		typ = typeOut
@@ -287,6 +330,13 @@ func (r *run) complete(qr *queueRun, u frontend.Used, now time.Time) (int, error
 	}
 	delete(qr.byHead, u.Head)
 	s := &qr.slots[si]
+	if s.flush {
+		if st := r.c.Mem[s.status]; st != 0 {
+			return si, fmt.Errorf("%w: flush status %d", ErrIOStatus, st)
+		}
+		qr.flushes++
+		return si, nil
+	}
 	delete(qr.inflight, s.block)
 	if st := r.c.Mem[s.status]; st != 0 {
 		return si, fmt.Errorf("%w: block %d write=%v status %d (head %d slot %d len %d st@%#x)", ErrIOStatus, s.block, s.write, st, u.Head, si, u.Len, s.status)
@@ -364,6 +414,7 @@ func (r *run) measure(ctx context.Context) (*Result, error) {
 	for _, qr := range qrs {
 		res.Reads += qr.reads
 		res.Writes += qr.writes
+		res.Flushes += qr.flushes
 		lat = append(lat, qr.lat...)
 	}
 	res.IOs = res.Reads + res.Writes
@@ -390,8 +441,7 @@ func (r *run) loop(ctx context.Context, qr *queueRun, qi int, deadline time.Time
 		if qr.passDone {
 			break
 		}
-		b, w := r.pick(qr, qi)
-		if err := r.submit(qr, si, b, w); err != nil {
+		if err := r.next(qr, si, qi); err != nil {
 			return err
 		}
 		inflight++
@@ -435,8 +485,7 @@ func (r *run) loop(ctx context.Context, qr *queueRun, qi int, deadline time.Time
 		}
 		if more {
 			for _, si := range freed {
-				b, w := r.pick(qr, qi)
-				if err := r.submit(qr, si, b, w); err != nil {
+				if err := r.next(qr, si, qi); err != nil {
 					return err
 				}
 				inflight++

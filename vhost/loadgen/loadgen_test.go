@@ -130,6 +130,25 @@ func TestVerify(t *testing.T) {
 	}
 }
 
+// Fsync sends a flush after every N writes of a queue, and verification
+// still holds.
+func TestFsync(t *testing.T) {
+	sock := serveHemd(t, 16<<20, 2)
+	res, err := Run(context.Background(), Config{Socket: sock, Queues: 2, Depth: 8, BS: 4096,
+		RW: "randwrite", Runtime: 300 * time.Millisecond, Fsync: 4, Verify: true, Seed: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Each queue flushes after its 4th, 8th, ... write submitted; the
+	// last writes of the run may go unflushed.
+	if lo, hi := res.Writes/4-2*8, res.Writes/4+2; res.Flushes < lo || res.Flushes > hi || res.Flushes == 0 {
+		t.Fatalf("%d writes, %d flushes: want about a quarter", res.Writes, res.Flushes)
+	}
+	if res.IOs != res.Writes || res.VerifyErrors != 0 {
+		t.Fatalf("%d I/Os for %d writes (flushes are not I/Os), %d mismatches", res.IOs, res.Writes, res.VerifyErrors)
+	}
+}
+
 // Verify mode catches a back-end that loses writes: writes to a read-only
 // disk fail, and reads of data that was never written are not counted.
 func TestVerifyCatchesFailure(t *testing.T) {
@@ -158,6 +177,7 @@ func TestBadConfig(t *testing.T) {
 		{Queues: 1, Depth: 1, BS: 1000, RW: "read", Runtime: time.Second},
 		{Queues: 1, Depth: 1, BS: 4096, RW: "trim", Runtime: time.Second},
 		{Queues: 1, Depth: 1, BS: 4096, RW: "randrw", RWMixRead: 101, Runtime: time.Second},
+		{Queues: 1, Depth: 1, BS: 4096, RW: "write", Fsync: -1, Runtime: time.Second},
 	} {
 		if _, err := Run(context.Background(), c); !errors.Is(err, ErrBadConfig) {
 			t.Errorf("%+v: %v", c, err)
