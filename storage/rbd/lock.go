@@ -12,9 +12,11 @@ package rbd
 // A holder that dies keeps the lock until its watch on the image times out
 // (osd_client_watch_timeout, 30 s by default). Its successor does not wait
 // for that when it can tell the holder is dead: the record names a process
-// on this host that no longer runs, or the owner has no watch left on the
-// image. It then breaks the lock, which blocklists the dead client (so it
-// can never write again, should it not be dead after all), and takes it.
+// on this host that no longer runs, the holder stopped renewing the
+// heartbeat in its record (every 2 s; stale after 8 s: a host that died or
+// hangs, wherever it is), or the owner has no watch left on the image. It
+// then breaks the lock, which blocklists the dead client (so it can never
+// write again, should it not be dead after all), and takes it.
 
 /*
 #include <errno.h>
@@ -34,6 +36,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -56,7 +60,18 @@ type LockOptions struct {
 	// Lease is how long a reader's claim (ReadClaim) outlives its last
 	// renewal; 0: 30 s.
 	Lease time.Duration
+	// Heartbeat is how often the holder renews the heartbeat in its record
+	// (0: 2 s); Stale is the age past which a successor takes a holder's
+	// heartbeat for a dead holder (0: 8 s). Hosts' clocks must agree to
+	// well within Stale (NTP).
+	Heartbeat, Stale time.Duration
 }
+
+// Heartbeat defaults: a holder that missed about four renewals is dead.
+const (
+	defaultHeartbeat = 2 * time.Second
+	defaultStale     = 8 * time.Second
+)
 
 // record is what the holder of an image records about itself.
 type record struct {
@@ -66,14 +81,23 @@ type record struct {
 	Owner string `json:"owner"`
 }
 
+// beatXattr is the extended attribute of the image's header object that
+// holds the holder's heartbeat: "OWNER UNIX-NANOSECONDS". An attribute of
+// the object rather than image metadata: librbd would tell every client of
+// the image to refresh its header at each renewal.
+const beatXattr = "hemd.beat"
+
 // Lock is a claim on an image: its exclusive lock and the record of its
 // holder. Its methods are safe for concurrent use.
 type Lock struct {
-	m    *Image
-	o    LockOptions
-	log  *slog.Logger
-	mu   sync.Mutex
-	held bool
+	m     *Image
+	o     LockOptions
+	log   *slog.Logger
+	mu    sync.Mutex
+	held  bool
+	owner string         // this client as a lock owner, once the record is written
+	self  storage.Holder // this holder, as the record names it
+	stop  chan struct{}  // ends the heartbeat; nil: none runs
 }
 
 // NewLock returns the image's claim, not taken. Closing the image releases
@@ -140,6 +164,7 @@ func (l *Lock) try() error {
 	}
 	l.held = true
 	l.writeRecord()
+	l.startBeat()
 	return nil
 }
 
@@ -147,8 +172,19 @@ func (l *Lock) try() error {
 // names it and a process on this host that no longer runs, or it has no
 // watch on the image left.
 func (l *Lock) dead(owner string) (bool, string) {
-	if rec, err := l.readRecord(); err == nil && rec.Owner == owner && !rec.Holder.Alive() {
-		return true, fmt.Sprintf("%s pid %d on this host has exited", rec.Program, rec.PID)
+	if rec, err := l.readRecord(); err == nil && rec.Owner == owner {
+		if !rec.Holder.Alive() {
+			return true, fmt.Sprintf("%s pid %d on this host has exited", rec.Program, rec.PID)
+		}
+		stale := l.o.Stale
+		if stale <= 0 {
+			stale = defaultStale
+		}
+		if at, err := l.m.beat(owner); err == nil {
+			if age := time.Since(at); age > stale {
+				return true, fmt.Sprintf("%s pid %d on %s stopped its heartbeat %v ago", rec.Program, rec.PID, rec.Host, age.Round(time.Millisecond))
+			}
+		}
 	}
 	watchers, err := l.m.watchers()
 	if err != nil {
@@ -164,6 +200,7 @@ func (l *Lock) dead(owner string) (bool, string) {
 
 // writeRecord records this process as the holder, under the lock.
 func (l *Lock) writeRecord() {
+	l.owner = ""
 	owners, err := l.m.lockOwners()
 	if err != nil || len(owners) != 1 {
 		l.log.Warn("holder record not written: a process refused the volume cannot name this one", "image", l.m.name.String(), "owners", owners, "err", err)
@@ -173,6 +210,89 @@ func (l *Lock) writeRecord() {
 	b, _ := json.Marshal(rec)
 	if err := l.m.setMetadata(holderKey, string(b)); err != nil {
 		l.log.Warn("holder record not written: a process refused the volume cannot name this one", "image", l.m.name.String(), "err", err)
+		return
+	}
+	l.owner = owners[0]
+	if err := l.putBeat(l.owner); err != nil {
+		l.log.Warn("heartbeat not written: a successor on another host waits for this holder's watch to time out", "image", l.m.name.String(), "err", err)
+	}
+}
+
+// putBeat renews the heartbeat of this holder, lock owner owner.
+func (l *Lock) putBeat(owner string) error {
+	obj, ioc, err := l.m.header()
+	if err != nil {
+		return err
+	}
+	return ioc.SetXattr(obj, beatXattr, []byte(owner+" "+strconv.FormatInt(time.Now().UnixNano(), 10)))
+}
+
+// beat returns when owner last renewed its heartbeat; an error if the
+// heartbeat is another client's, or none.
+func (m *Image) beat(owner string) (time.Time, error) {
+	obj, ioc, err := m.header()
+	if err != nil {
+		return time.Time{}, err
+	}
+	buf := make([]byte, 256)
+	n, err := ioc.GetXattr(obj, beatXattr, buf)
+	if err != nil {
+		return time.Time{}, err
+	}
+	who, at, ok := strings.Cut(string(buf[:n]), " ")
+	ns, err := strconv.ParseInt(at, 10, 64)
+	if !ok || err != nil || who != owner {
+		return time.Time{}, fmt.Errorf("%s: heartbeat %q is not %s's", m.name, buf[:n], owner)
+	}
+	return time.Unix(0, ns), nil
+}
+
+// startBeat renews the record's heartbeat while the lock is held, so that
+// a successor anywhere can tell a holder that stopped (a host that died or
+// hangs) long before its watch times out. Call it with l.mu held.
+func (l *Lock) startBeat() {
+	if l.owner == "" {
+		return // no record: nothing to renew
+	}
+	every := l.o.Heartbeat
+	if every <= 0 {
+		every = defaultHeartbeat
+	}
+	stop, owner := make(chan struct{}), l.owner
+	l.stop = stop
+	go func() {
+		t := time.NewTicker(every)
+		defer t.Stop()
+		failing := false
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+			l.mu.Lock()
+			current := l.stop == stop
+			l.mu.Unlock()
+			if !current {
+				return
+			}
+			// Not under l.mu: a round trip to the cluster. A renewal
+			// that lands after a release names a client that no longer
+			// owns the lock, which a successor ignores.
+			err := l.putBeat(owner)
+			if err != nil && !failing {
+				l.log.Warn("heartbeat not renewed: a successor takes this holder for dead once it is stale", "image", l.m.name.String(), "err", err)
+			}
+			failing = err != nil
+		}
+	}()
+}
+
+// stopBeat ends the heartbeat. Call it with l.mu held.
+func (l *Lock) stopBeat() {
+	if l.stop != nil {
+		close(l.stop)
+		l.stop = nil
 	}
 }
 
@@ -250,6 +370,7 @@ func (l *Lock) Release() {
 }
 
 func (l *Lock) release() {
+	l.stopBeat()
 	if !l.held {
 		return
 	}

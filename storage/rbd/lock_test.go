@@ -109,7 +109,11 @@ func holderChild() {
 		var m *Image
 		c := Cluster{Conf: os.Getenv("HEMD_RBD_CONF"), ID: os.Getenv("HEMD_RBD_ID"), Keyring: os.Getenv("HEMD_RBD_KEYRING")}
 		if m, err = Open(context.Background(), c, n, Options{}); err == nil {
-			l, _ := m.NewLock(LockOptions{Socket: "/run/child.sock"})
+			o := LockOptions{Socket: "/run/child.sock"}
+			if d, err := time.ParseDuration(os.Getenv("HEMD_RBD_HOLDER_BEAT")); err == nil {
+				o.Heartbeat = d
+			}
+			l, _ := m.NewLock(o)
 			if err = l.TryAcquire(); err == nil {
 				if os.Getenv("HEMD_RBD_HOLDER_NORECORD") != "" {
 					m.removeMetadata(holderKey)
@@ -128,12 +132,14 @@ func holderChild() {
 	time.Sleep(time.Hour)
 }
 
-// startHolder runs holderChild on n and waits until it holds the lock.
-func startHolder(t *testing.T, n Name, noRecord bool) *exec.Cmd {
+// startHolder runs holderChild on n and waits until it holds the lock;
+// env is added to the child's environment.
+func startHolder(t *testing.T, n Name, noRecord bool, env ...string) *exec.Cmd {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), "HEMD_RBD_HOLDER="+n.String(), "HEMD_RBD_CONF="+cluster.Conf,
 		"HEMD_RBD_ID="+cluster.ClientID, "HEMD_RBD_KEYRING="+cluster.Keyring)
+	cmd.Env = append(cmd.Env, env...)
 	if noRecord {
 		cmd.Env = append(cmd.Env, "HEMD_RBD_HOLDER_NORECORD=1")
 	}
@@ -183,6 +189,44 @@ func TestDeadHolder(t *testing.T) {
 	bl, err := cluster.Ceph(context.Background(), "osd", "blocklist", "ls")
 	if err != nil || len(owners) != 1 || !strings.Contains(string(bl), strings.TrimPrefix(owners[0], "v2:")) {
 		t.Fatalf("the dead client %v is not blocklisted: %v\n%s", owners, err, bl)
+	}
+}
+
+// TestDeadHolderStaleHeartbeat: a holder that stops (SIGSTOP: a host that
+// hangs or died elsewhere; its process on this host looks alive and its
+// watch has not timed out yet) stops renewing the heartbeat in its record;
+// once the heartbeat is stale its successor breaks the lock, blocklisting
+// it, well before the watch times out (10 s in the test cluster).
+func TestDeadHolderStaleHeartbeat(t *testing.T) {
+	n := newImage(t, 4<<20)
+	child := startHolder(t, n, false, "HEMD_RBD_HOLDER_BEAT=100ms")
+	m := open(t, n, Options{})
+	l, _ := m.NewLock(LockOptions{Stale: time.Second})
+	time.Sleep(1500 * time.Millisecond) // older than Stale, the holder renewing all along
+	var iu *storage.InUseError
+	if err := l.TryAcquire(); !errors.As(err, &iu) || iu.Holder.PID != child.Process.Pid {
+		t.Fatalf("claim while the holder renews its heartbeat: %v", err)
+	}
+	owners, _ := m.lockOwners()
+	if err := child.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
+	defer cancel()
+	if err := l.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("the stopped holder's lock broken and taken %v after it stopped", time.Since(t0).Round(time.Millisecond))
+	if d := time.Since(t0); d < time.Second || d > 5*time.Second {
+		t.Fatalf("taken %v after the holder stopped: want its heartbeat stale (1 s), not its watch (10 s)", d)
+	}
+	bl, err := cluster.Ceph(context.Background(), "osd", "blocklist", "ls")
+	if err != nil || len(owners) != 1 || !strings.Contains(string(bl), strings.TrimPrefix(owners[0], "v2:")) {
+		t.Fatalf("the stopped client %v is not blocklisted: %v\n%s", owners, err, bl)
+	}
+	if _, err := m.WriteAt([]byte("successor"), 0); err != nil {
+		t.Fatal(err)
 	}
 }
 
