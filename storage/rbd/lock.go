@@ -12,11 +12,12 @@ package rbd
 // A holder that dies keeps the lock until its watch on the image times out
 // (osd_client_watch_timeout, 30 s by default). Its successor does not wait
 // for that when it can tell the holder is dead: the record names a process
-// on this host that no longer runs, the holder stopped renewing the
-// heartbeat in its record (every 2 s; stale after 8 s: a host that died or
-// hangs, wherever it is), or the owner has no watch left on the image. It
-// then breaks the lock, which blocklists the dead client (so it can never
-// write again, should it not be dead after all), and takes it.
+// on this host that no longer runs, the holder let its lease run out (a
+// shared cls lock on the header object, writerLeaseLock, 8 s, renewed every
+// 2 s: a host that died or hangs, wherever it is; the OSD's clock decides),
+// or the owner has no watch left on the image. It then breaks the lock,
+// which blocklists the dead client (so it can never write again, should it
+// not be dead after all), and takes it.
 
 /*
 #include <errno.h>
@@ -36,8 +37,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -57,20 +56,19 @@ type LockOptions struct {
 	// Log gets the breaking of a dead holder's lock, and a warning when the
 	// holder record cannot be written. Nil: no log.
 	Log *slog.Logger
-	// Lease is how long a reader's claim (ReadClaim) outlives its last
-	// renewal; 0: 30 s.
+	// Lease is how long a claim outlives its last renewal: a reader's
+	// (ReadClaim; 0: 30 s) or a writer's (Lock; 0: 8 s, renewed at a
+	// quarter of it).
 	Lease time.Duration
-	// Heartbeat is how often the holder renews the heartbeat in its record
-	// (0: 2 s); Stale is the age past which a successor takes a holder's
-	// heartbeat for a dead holder (0: 8 s). Hosts' clocks must agree to
-	// well within Stale (NTP).
-	Heartbeat, Stale time.Duration
 }
 
-// Heartbeat defaults: a holder that missed about four renewals is dead.
 const (
-	defaultHeartbeat = 2 * time.Second
-	defaultStale     = 8 * time.Second
+	// writerLeaseLock is the cls lock on the header object under which a
+	// writer keeps its lease, its lock-owner address the cookie.
+	writerLeaseLock = "hemd.writer"
+	// writerLease is a writer's lease by default: a holder that missed
+	// about four renewals is dead.
+	writerLease = 8 * time.Second
 )
 
 // record is what the holder of an image records about itself.
@@ -79,13 +77,10 @@ type record struct {
 	// Owner is the holder's client as librbd names a lock owner (its
 	// address): a record whose owner does not hold the lock is stale.
 	Owner string `json:"owner"`
+	// Lease says the holder keeps a lease (writerLeaseLock, cookie Owner):
+	// once it has run out, the holder is dead.
+	Lease bool `json:"lease,omitempty"`
 }
-
-// beatXattr is the extended attribute of the image's header object that
-// holds the holder's heartbeat: "OWNER UNIX-NANOSECONDS". An attribute of
-// the object rather than image metadata: librbd would tell every client of
-// the image to refresh its header at each renewal.
-const beatXattr = "hemd.beat"
 
 // Lock is a claim on an image: its exclusive lock and the record of its
 // holder. Its methods are safe for concurrent use.
@@ -95,9 +90,8 @@ type Lock struct {
 	log   *slog.Logger
 	mu    sync.Mutex
 	held  bool
-	owner string         // this client as a lock owner, once the record is written
-	self  storage.Holder // this holder, as the record names it
-	stop  chan struct{}  // ends the heartbeat; nil: none runs
+	owner string        // this client as a lock owner, once the record is written
+	stop  chan struct{} // ends the lease's renewal; nil: none runs
 }
 
 // NewLock returns the image's claim, not taken. Closing the image releases
@@ -164,25 +158,20 @@ func (l *Lock) try() error {
 	}
 	l.held = true
 	l.writeRecord()
-	l.startBeat()
 	return nil
 }
 
 // dead reports whether owner, which holds the lock, is dead: the record
-// names it and a process on this host that no longer runs, or it has no
-// watch on the image left.
+// names it and a process on this host that no longer runs, or says it
+// keeps a lease that has run out; or it has no watch on the image left.
 func (l *Lock) dead(owner string) (bool, string) {
 	if rec, err := l.readRecord(); err == nil && rec.Owner == owner {
 		if !rec.Holder.Alive() {
 			return true, fmt.Sprintf("%s pid %d on this host has exited", rec.Program, rec.PID)
 		}
-		stale := l.o.Stale
-		if stale <= 0 {
-			stale = defaultStale
-		}
-		if at, err := l.m.beat(owner); err == nil {
-			if age := time.Since(at); age > stale {
-				return true, fmt.Sprintf("%s pid %d on %s stopped its heartbeat %v ago", rec.Program, rec.PID, rec.Host, age.Round(time.Millisecond))
+		if rec.Lease {
+			if live, err := l.m.leased(writerLeaseLock, owner); err == nil && !live {
+				return true, fmt.Sprintf("%s pid %d on %s let its lease run out", rec.Program, rec.PID, rec.Host)
 			}
 		}
 	}
@@ -198,7 +187,9 @@ func (l *Lock) dead(owner string) (bool, string) {
 	return true, "it has no watch on the image (timed out)"
 }
 
-// writeRecord records this process as the holder, under the lock.
+// writeRecord records this process as the holder, under the lock, after
+// taking its lease (the record says whether it did) and starting its
+// renewal.
 func (l *Lock) writeRecord() {
 	l.owner = ""
 	owners, err := l.m.lockOwners()
@@ -206,62 +197,35 @@ func (l *Lock) writeRecord() {
 		l.log.Warn("holder record not written: a process refused the volume cannot name this one", "image", l.m.name.String(), "owners", owners, "err", err)
 		return
 	}
-	rec := record{Holder: storage.Self(l.o.Socket, false), Owner: owners[0]}
+	owner, lease := owners[0], l.o.Lease
+	if lease <= 0 {
+		lease = writerLease
+	}
+	leased := true
+	if err := l.m.leaseLock(writerLeaseLock, owner, "hemd writer lease", lease, false); err != nil {
+		leased = false
+		l.log.Warn("no lease taken: a successor on another host waits for this holder's watch to time out", "image", l.m.name.String(), "err", err)
+	}
+	rec := record{Holder: storage.Self(l.o.Socket, false), Owner: owner, Lease: leased}
 	b, _ := json.Marshal(rec)
 	if err := l.m.setMetadata(holderKey, string(b)); err != nil {
 		l.log.Warn("holder record not written: a process refused the volume cannot name this one", "image", l.m.name.String(), "err", err)
-		return
 	}
-	l.owner = owners[0]
-	if err := l.putBeat(l.owner); err != nil {
-		l.log.Warn("heartbeat not written: a successor on another host waits for this holder's watch to time out", "image", l.m.name.String(), "err", err)
+	l.owner = owner
+	if leased {
+		l.renewLease(owner, lease)
 	}
 }
 
-// putBeat renews the heartbeat of this holder, lock owner owner.
-func (l *Lock) putBeat(owner string) error {
-	obj, ioc, err := l.m.header()
-	if err != nil {
-		return err
-	}
-	return ioc.SetXattr(obj, beatXattr, []byte(owner+" "+strconv.FormatInt(time.Now().UnixNano(), 10)))
-}
-
-// beat returns when owner last renewed its heartbeat; an error if the
-// heartbeat is another client's, or none.
-func (m *Image) beat(owner string) (time.Time, error) {
-	obj, ioc, err := m.header()
-	if err != nil {
-		return time.Time{}, err
-	}
-	buf := make([]byte, 256)
-	n, err := ioc.GetXattr(obj, beatXattr, buf)
-	if err != nil {
-		return time.Time{}, err
-	}
-	who, at, ok := strings.Cut(string(buf[:n]), " ")
-	ns, err := strconv.ParseInt(at, 10, 64)
-	if !ok || err != nil || who != owner {
-		return time.Time{}, fmt.Errorf("%s: heartbeat %q is not %s's", m.name, buf[:n], owner)
-	}
-	return time.Unix(0, ns), nil
-}
-
-// startBeat renews the record's heartbeat while the lock is held, so that
-// a successor anywhere can tell a holder that stopped (a host that died or
-// hangs) long before its watch times out. Call it with l.mu held.
-func (l *Lock) startBeat() {
-	if l.owner == "" {
-		return // no record: nothing to renew
-	}
-	every := l.o.Heartbeat
-	if every <= 0 {
-		every = defaultHeartbeat
-	}
-	stop, owner := make(chan struct{}), l.owner
+// renewLease renews the lease at a quarter of its length until the lock is
+// released, so that a successor anywhere can tell a holder that stopped (a
+// host that died or hangs) long before its watch times out. Call it with
+// l.mu held.
+func (l *Lock) renewLease(owner string, lease time.Duration) {
+	stop := make(chan struct{})
 	l.stop = stop
 	go func() {
-		t := time.NewTicker(every)
+		t := time.NewTicker(lease / 4)
 		defer t.Stop()
 		failing := false
 		for {
@@ -270,30 +234,13 @@ func (l *Lock) startBeat() {
 				return
 			case <-t.C:
 			}
-			l.mu.Lock()
-			current := l.stop == stop
-			l.mu.Unlock()
-			if !current {
-				return
-			}
-			// Not under l.mu: a round trip to the cluster. A renewal
-			// that lands after a release names a client that no longer
-			// owns the lock, which a successor ignores.
-			err := l.putBeat(owner)
+			err := l.m.leaseLock(writerLeaseLock, owner, "hemd writer lease", lease, true)
 			if err != nil && !failing {
-				l.log.Warn("heartbeat not renewed: a successor takes this holder for dead once it is stale", "image", l.m.name.String(), "err", err)
+				l.log.Warn("lease not renewed: once it runs out a successor takes this holder for dead and fences it", "image", l.m.name.String(), "err", err)
 			}
 			failing = err != nil
 		}
 	}()
-}
-
-// stopBeat ends the heartbeat. Call it with l.mu held.
-func (l *Lock) stopBeat() {
-	if l.stop != nil {
-		close(l.stop)
-		l.stop = nil
-	}
 }
 
 // readRecord reads the holder record.
@@ -370,7 +317,10 @@ func (l *Lock) Release() {
 }
 
 func (l *Lock) release() {
-	l.stopBeat()
+	if l.stop != nil {
+		close(l.stop)
+		l.stop = nil
+	}
 	if !l.held {
 		return
 	}
@@ -386,6 +336,13 @@ func (l *Lock) release() {
 		return
 	}
 	l.held = false
+	// The lease goes last: a record whose holder has no lease would be
+	// taken for dead.
+	if l.owner != "" {
+		if err := l.m.leaseUnlock(writerLeaseLock, l.owner); err != nil {
+			l.log.Debug("writer lease not released: it runs out", "image", l.m.name.String(), "err", err)
+		}
+	}
 }
 
 // Close releases the lock.

@@ -131,32 +131,14 @@ func (c *ReadClaim) try() error {
 
 // lock takes (or renews) the shared lease.
 func (c *ReadClaim) lock(renew bool) error {
-	oid, ioc, err := c.m.header()
-	if err != nil {
+	if err := c.m.leaseLock(readersLock, c.cookie, "hemd read-only claim", c.lease, renew); err != nil {
 		return fmt.Errorf("read claim on %s: %w", c.m.name, err)
-	}
-	var flags *byte
-	if renew {
-		f := byte(1) // LOCK_FLAG_MAY_RENEW
-		flags = &f
-	}
-	r, err := ioc.LockShared(oid, readersLock, c.cookie, readersTag, "hemd read-only claim", c.lease, flags)
-	switch {
-	case err != nil:
-		return fmt.Errorf("read claim on %s: %w", c.m.name, err)
-	case r == -int(syscall.EBUSY):
-		// Only another tag (not a hemd) or an exclusive holder gets here.
-		return fmt.Errorf("read claim on %s: lock %s on %s is held by another program: %w", c.m.name, readersLock, oid, storage.ErrInUse)
 	}
 	return nil
 }
 
 func (c *ReadClaim) unlock() {
-	oid, ioc, err := c.m.header()
-	if err == nil {
-		_, err = ioc.Unlock(oid, readersLock, c.cookie)
-	}
-	if err != nil {
+	if err := c.m.leaseUnlock(readersLock, c.cookie); err != nil {
 		c.log.Warn("read claim not released: writers wait until its lease ends", "image", c.m.name.String(), "lease", c.lease, "err", err)
 	}
 }
@@ -203,6 +185,61 @@ func (c *ReadClaim) Release() {
 func (c *ReadClaim) Close() error {
 	c.Release()
 	return nil
+}
+
+// leaseLock takes (renew: renews) a lease for d under the shared cls lock
+// name on the image's header object, held by cookie. A lease not renewed
+// runs out by the OSD's clock.
+func (m *Image) leaseLock(name, cookie, desc string, d time.Duration, renew bool) error {
+	oid, ioc, err := m.header()
+	if err != nil {
+		return err
+	}
+	var flags *byte
+	if renew {
+		f := byte(1) // LOCK_FLAG_MAY_RENEW
+		flags = &f
+	}
+	r, err := ioc.LockShared(oid, name, cookie, readersTag, desc, d, flags)
+	switch {
+	case err != nil:
+		return err
+	case r == -int(syscall.EBUSY):
+		// Only another tag (not a hemd) or an exclusive holder gets here.
+		return fmt.Errorf("lock %s on %s is held by another program: %w", name, oid, storage.ErrInUse)
+	}
+	return nil
+}
+
+// leaseUnlock ends cookie's lease under name.
+func (m *Image) leaseUnlock(name, cookie string) error {
+	oid, ioc, err := m.header()
+	if err == nil {
+		_, err = ioc.Unlock(oid, name, cookie)
+	}
+	return err
+}
+
+// leased reports whether cookie holds a lease under name that has not run
+// out.
+func (m *Image) leased(name, cookie string) (bool, error) {
+	oid, ioc, err := m.header()
+	if err != nil {
+		return false, err
+	}
+	info, err := ioc.ListLockers(oid, name)
+	if err != nil {
+		if errno(err) == syscall.ENOENT {
+			return false, nil
+		}
+		return false, err
+	}
+	for _, c := range info.Cookies {
+		if c == cookie {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // readers returns the hemds that hold a read claim on the image, after
