@@ -142,6 +142,7 @@ var (
 	ErrPayloadSize    = errors.New("wrong payload size")
 	ErrPayloadTooBig  = errors.New("payload larger than any message")
 	ErrFdCount        = errors.New("wrong number of file descriptors")
+	ErrFdKind         = errors.New("file descriptor of the wrong kind")
 	ErrUnknownRequest = errors.New("unknown or unsupported request")
 	ErrQueueIndex     = errors.New("queue index out of range")
 	ErrFeatures       = errors.New("features not offered")

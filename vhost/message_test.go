@@ -70,6 +70,16 @@ func eventfd(t testing.TB) int {
 	return fd
 }
 
+// pipeFd is the write end of a pipe whose read end is closed.
+func pipeFd(t testing.TB) int {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(p[0])
+	return p[1]
+}
+
 func le64(vs ...uint64) []byte {
 	var b []byte
 	for _, v := range vs {
@@ -176,6 +186,8 @@ func TestMessageErrors(t *testing.T) {
 		{"vring kick index", []step{owner, {m: func(t *testing.T) *message { return msg(ReqSetVringKick, le64(5), eventfd(t)) }, want: ErrQueueIndex}}},
 		{"vring kick no fd", []step{owner, {m: func(*testing.T) *message { return msg(ReqSetVringKick, le64(0)) }, want: ErrFdCount}}},
 		{"vring kick fd with no-fd bit", []step{owner, {m: func(t *testing.T) *message { return msg(ReqSetVringKick, le64(vringNoFd), eventfd(t)) }, want: ErrFdCount}}},
+		{"vring call a pipe", []step{owner, {m: func(t *testing.T) *message { return msg(ReqSetVringCall, le64(0), pipeFd(t)) }, want: ErrFdKind}}},
+		{"vring kick a memfd", []step{owner, {m: func(t *testing.T) *message { return msg(ReqSetVringKick, le64(0), memfd(t, 4096)) }, want: ErrFdKind}}},
 		{"vring call two fds", []step{owner, {m: func(t *testing.T) *message { return msg(ReqSetVringCall, le64(0), eventfd(t), eventfd(t)) }, want: ErrFdCount}}},
 		{"vring enable 2", []step{owner, {m: func(*testing.T) *message { return msg(ReqSetVringEnable, le32(0, 2)) }, want: ErrPayloadSize}}},
 		{"get config too big", []step{{m: func(*testing.T) *message { return msg(ReqGetConfig, append(le32(0, 300, 0), make([]byte, 300)...)) }, want: ErrConfigRange}}},

@@ -83,9 +83,8 @@ func startRunner(q *virtq.Queue, h Handler, io ringIO, log *slog.Logger, fatal f
 }
 
 func (r *runner) stopAndWait() {
-	var one = [8]byte{1}
 	r.stopping.Store(true)
-	_, _ = unix.Write(r.stop, one[:])
+	signal(r.stop)
 	<-r.done
 	unix.Close(r.stop)
 }
@@ -313,8 +312,7 @@ func (r *runner) publish(q *virtq.Queue, io *ringIO) {
 		io.inflight.published(q.UsedIdx())
 	}
 	if q.NeedNotify() && io.call >= 0 {
-		var one = [8]byte{1}
-		_, _ = unix.Write(io.call, one[:])
+		signal(io.call)
 	}
 }
 
@@ -323,4 +321,12 @@ func (io *ringIO) markUsed(q *virtq.Queue) {
 	if io.logUsed && io.dlog != nil && io.dlog.on.Load() {
 		io.dlog.mark(io.usedGPA, q.UsedBytes())
 	}
+}
+
+// signal adds one to eventfd fd (an interrupt, a wake-up). The fds the
+// front-end sends are non-blocking (setVringFd): a counter it filled makes
+// the write fail, never wait.
+func signal(fd int) {
+	var one = [8]byte{1}
+	_, _ = unix.Write(fd, one[:])
 }

@@ -12,6 +12,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -656,6 +657,16 @@ func (s *session) setVringFd(m *message) error {
 		if len(m.fds) != 1 {
 			return fmt.Errorf("%w: no fd and no polling bit", ErrFdCount)
 		}
+		// hemd writes call fds from a queue's goroutine and from the
+		// session's: a pipe the front-end keeps full would block them.
+		if !isEventfd(m.fds[0]) {
+			return fmt.Errorf("%w: %v fd of queue %d is not an eventfd", ErrFdKind, m.Request, i)
+		}
+		// Nor may an eventfd whose counter the front-end filled block a
+		// write (QEMU's own are non-blocking already).
+		if err := unix.SetNonblock(m.fds[0], true); err != nil {
+			return fmt.Errorf("%v fd of queue %d: %w", m.Request, i, err)
+		}
 		fd, m.fds[0] = m.fds[0], -1
 	} else if len(m.fds) != 0 {
 		return fmt.Errorf("%w: fd sent with the no-fd bit", ErrFdCount)
@@ -687,8 +698,7 @@ func (s *session) setVringFd(m *message) error {
 		// unmasks its interrupt with a new call fd): what it completed
 		// meanwhile went to the old fd, or to none. An extra interrupt
 		// makes the driver look at its used ring.
-		var one = [8]byte{1}
-		_, _ = unix.Write(fd, one[:])
+		signal(fd)
 	}
 	if m.Request == ReqSetVringKick {
 		r.kickSet = true
@@ -698,6 +708,14 @@ func (s *session) setVringFd(m *message) error {
 		return s.maybeStart(i)
 	}
 	return nil
+}
+
+// isEventfd reports whether fd is an eventfd (the kind the protocol's
+// kick, call and error fds are).
+func isEventfd(fd int) bool {
+	var buf [32]byte
+	n, err := unix.Readlink("/proc/self/fd/"+strconv.Itoa(fd), buf[:])
+	return err == nil && string(buf[:n]) == "anon_inode:[eventfd]"
 }
 
 // swapMem installs a new memory table; release frees the old one once no
@@ -800,8 +818,7 @@ func (s *session) maybeStart(i int) error {
 		// it (the source of a migration, a QEMU that reconnects): the
 		// driver would then wait for them forever. An extra interrupt only
 		// makes it look at its used ring.
-		var one = [8]byte{1}
-		_, _ = unix.Write(r.call, one[:])
+		signal(r.call)
 	}
 	return nil
 }

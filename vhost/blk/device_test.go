@@ -17,6 +17,7 @@ import (
 	"github.com/hemd/hemd/storage"
 	"github.com/hemd/hemd/vhost"
 	"github.com/hemd/hemd/vhost/frontend"
+	"golang.org/x/sys/unix"
 )
 
 // rig is a back-end served on a socket in a temp dir with a front-end
@@ -186,6 +187,12 @@ func (r *rig) dial(o frontend.Options) *frontend.Client {
 		r.t.Fatal(err)
 	}
 	return c
+}
+
+// flushBufs lays a FLUSH out in guest memory.
+func (r *rig) flushBufs() []frontend.Buf {
+	bufs, _, _ := r.build(blkIO{typ: TypeFlush})
+	return bufs
 }
 
 // io is one virtio-blk request laid out in guest memory.
@@ -604,6 +611,53 @@ func TestNewCallFdSignalled(t *testing.T) {
 	}
 	if st, _, _ := r.do(0, blkIO{typ: TypeFlush}); st != StatusOK {
 		t.Fatalf("flush after the new call fd: %d", st)
+	}
+}
+
+// A hostile front-end's call fd, a blocking eventfd whose counter it filled
+// to the brim: hemd's interrupts then fail rather than wait, requests still
+// complete and the ring still stops.
+func TestFullCallFd(t *testing.T) {
+	r := newRig(t, rigOpts{})
+	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	full := binary.LittleEndian.AppendUint64(nil, 0xfffffffffffffffe)
+	if _, err := unix.Write(fd, full); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.c.Queues[0].SetCall(fd); err != nil {
+		t.Fatal(err)
+	}
+	q := r.c.Queues[0]
+	for i := range 2 {
+		head, err := q.Add(r.flushBufs())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := q.Kick(); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		var used []frontend.Used
+		for len(used) == 0 && time.Now().Before(deadline) {
+			used = q.Poll(used)
+			time.Sleep(time.Millisecond)
+		}
+		if len(used) != 1 || used[0].Head != head {
+			t.Fatalf("flush %d: completions %+v", i, used)
+		}
+	}
+	stopped := make(chan error, 1)
+	go func() { _, err := r.c.StopQueue(0); stopped <- err }()
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("GET_VRING_BASE not answered: a write to the full call fd blocked")
 	}
 }
 

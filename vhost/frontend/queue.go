@@ -320,8 +320,17 @@ func (q *Queue) NewCall() error {
 	if err != nil {
 		return err
 	}
-	if _, err := q.c.call(vhost.ReqSetVringCall, u64(uint64(q.Index)), []int{fd}, false); err != nil {
+	if err := q.SetCall(fd); err != nil {
 		unix.Close(fd)
+		return err
+	}
+	return nil
+}
+
+// SetCall sends fd as the running queue's call fd (SET_VRING_CALL); the
+// queue owns it from then on.
+func (q *Queue) SetCall(fd int) error {
+	if _, err := q.c.call(vhost.ReqSetVringCall, u64(uint64(q.Index)), []int{fd}, false); err != nil {
 		return fmt.Errorf("queue %d: %w", q.Index, err)
 	}
 	unix.Close(q.call)
